@@ -1,0 +1,37 @@
+"""keras_residual: residual networks for Keras 3.
+
+``ResidualBlock`` and ``BottleneckBlock`` are Keras layers that carry their
+own skip connection, so a ResNet is nearly a ``keras.Sequential`` of them.
+``ResNet50`` and its family are subclassed ``keras.Model`` classes; with the
+defaults, ``ResNet50`` is ``keras.applications.ResNet50`` and loads its
+weights.
+"""
+
+from keras.applications.resnet import decode_predictions, preprocess_input
+
+from keras_residual.layers import BottleneckBlock, ResidualBlock
+from keras_residual.models import (
+    ResNet,
+    ResNet18,
+    ResNet34,
+    ResNet50,
+    ResNet101,
+    ResNet152,
+    from_keras_applications,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BottleneckBlock",
+    "ResidualBlock",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "ResNet101",
+    "ResNet152",
+    "decode_predictions",
+    "from_keras_applications",
+    "preprocess_input",
+]

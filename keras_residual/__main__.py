@@ -1,0 +1,57 @@
+"""Command line: ``python -m keras_residual demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_residual",
+        description="Residual networks for Keras 3.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a Sequential ResNet on the scikit-learn digits, save and reload it",
+    )
+    demo.add_argument(
+        "--epochs", type=int, default=20, help="training epochs (default 20)"
+    )
+    demo.add_argument(
+        "--batch-size", type=int, default=32, help="batch size (default 32)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "--out",
+        default=None,
+        help="folder for the saved model (default: a new temp folder)",
+    )
+    demo.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=0.98,
+        help="test accuracy below which the demo exits with status 1 (default 0.98)",
+    )
+    demo.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from keras_residual import demo as demo_lib
+
+        result = demo_lib.run(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            out_dir=args.out,
+            min_accuracy=args.min_accuracy,
+            verbose=0 if args.quiet else 1,
+        )
+        return 0 if result["passed"] else 1
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""What ``ResidualBlock`` and ``BottleneckBlock`` share.
+
+A block is a stack of conv -> BN units on the residual branch, an activation
+after every unit but the last, an optional stochastic-depth drop on the
+branch, the shortcut (identity or a 1x1 conv + BN projection), the add and a
+final activation.
+
+Saved format. The attribute names below are the paths under which a
+``.keras`` file stores the weights, and the layer names are those of
+``keras.applications`` (``{block}_{i}_conv``), so they are part of the file
+format and never change:
+
+=====================  ============================  =======================
+attribute              layer name                    what
+=====================  ============================  =======================
+``conv1``, ``bn1``     ``{name}_1_conv``, ``_1_bn``  first unit
+``conv2``, ``bn2``     ``{name}_2_conv``, ``_2_bn``  second unit
+``conv3``, ``bn3``     ``{name}_3_conv``, ``_3_bn``  third unit (bottleneck)
+``shortcut_conv``      ``{name}_0_conv``             projection conv
+``shortcut_bn``        ``{name}_0_bn``               projection BN
+``drop_path``          ``{name}_drop_path``          only if drop_path_rate>0
+=====================  ============================  =======================
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from keras_residual import _validation as check
+
+SHORTCUTS = ("auto", "projection", "identity")
+
+
+class BaseResidualBlock(keras.layers.Layer):
+    """Base class of the residual blocks; not meant to be used directly.
+
+    Subclasses set ``expansion`` and implement ``_unit_specs()``, the list of
+    ``(filters, kernel_size, strides)`` of the conv -> BN units on the
+    residual branch.
+    """
+
+    expansion = 1
+
+    def __init__(
+        self,
+        filters,
+        kernel_size=3,
+        strides=1,
+        activation="relu",
+        shortcut="auto",
+        use_bias=False,
+        momentum=0.9,
+        epsilon=1e-5,
+        kernel_initializer="he_normal",
+        kernel_regularizer=None,
+        zero_init_residual=False,
+        drop_path_rate=0.0,
+        seed=None,
+        data_format=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters = check.positive_int(filters, "filters")
+        self.kernel_size = check.int_pair(kernel_size, "kernel_size")
+        self.strides = check.int_pair(strides, "strides")
+        self.activation = check.activation(activation)
+        self.shortcut = check.one_of(shortcut, "shortcut", SHORTCUTS)
+        self.use_bias = bool(use_bias)
+        self.momentum = check.fraction(momentum, "momentum")
+        self.epsilon = check.positive_float(epsilon, "epsilon")
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.zero_init_residual = bool(zero_init_residual)
+        self.drop_path_rate = check.fraction(drop_path_rate, "drop_path_rate")
+        self.seed = check.optional_int(seed, "seed")
+        self.data_format = check.data_format(data_format)
+
+        # On TensorFlow, channels_first is computed in NHWC between two
+        # transposes; the sublayers then work channels_last.
+        self._transpose = check.computes_channels_last(self.data_format)
+        inner_format = "channels_last" if self._transpose else self.data_format
+        self._inner_format = inner_format
+        self._channel_axis = -1 if inner_format == "channels_last" else 1
+        self._activation_fn = keras.activations.get(self.activation)
+
+        specs = self._unit_specs()
+        for index, (unit_filters, unit_kernel, unit_strides) in enumerate(specs, 1):
+            last = index == len(specs)
+            setattr(
+                self,
+                f"conv{index}",
+                self._make_conv(
+                    unit_filters, unit_kernel, unit_strides, f"_{index}_conv"
+                ),
+            )
+            setattr(
+                self,
+                f"bn{index}",
+                self._make_bn(
+                    f"_{index}_bn", zero_gamma=last and self.zero_init_residual
+                ),
+            )
+        self._num_units = len(specs)
+
+        # Whether `shortcut="auto"` projects depends on the input's channel
+        # count, which is known only in build(); the projection is created
+        # there, with these fixed names.
+        self.shortcut_conv = None
+        self.shortcut_bn = None
+
+        self.drop_path = None
+        if self.drop_path_rate > 0:
+            # Stochastic depth: Keras' seeded Dropout with one draw per sample
+            # drops the whole residual branch of that sample and scales the
+            # kept ones by 1 / (1 - rate). It is the identity in inference.
+            self.drop_path = keras.layers.Dropout(
+                self.drop_path_rate,
+                noise_shape=(None, 1, 1, 1),
+                seed=self.seed,
+                name=f"{self.name}_drop_path",
+                dtype=self.dtype_policy,
+            )
+
+    # -- subclasses -----------------------------------------------------------
+
+    def _unit_specs(self):
+        raise NotImplementedError
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the output: ``expansion * filters``."""
+        return self.expansion * self.filters
+
+    # -- sublayer factories ---------------------------------------------------
+
+    def _make_conv(self, filters, kernel_size, strides, suffix):
+        return keras.layers.Conv2D(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding="same",
+            data_format=self._inner_format,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            kernel_regularizer=self.kernel_regularizer,
+            name=f"{self.name}{suffix}",
+            dtype=self.dtype_policy,
+        )
+
+    def _make_bn(self, suffix, zero_gamma=False):
+        return keras.layers.BatchNormalization(
+            axis=self._channel_axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            gamma_initializer="zeros" if zero_gamma else "ones",
+            name=f"{self.name}{suffix}",
+            dtype=self.dtype_policy,
+        )
+
+    def _units(self):
+        return [
+            (getattr(self, f"conv{i}"), getattr(self, f"bn{i}"))
+            for i in range(1, self._num_units + 1)
+        ]
+
+    # -- shapes ---------------------------------------------------------------
+
+    def _checked_shape(self, input_shape):
+        """Validates the input shape; returns it in the inner layout."""
+        name = type(self).__name__
+        shape = check.image_shape(input_shape, "input_shape", name)
+        check.channels(shape, self.data_format, "input_shape", name)
+        if self._transpose:
+            shape = (shape[0], shape[2], shape[3], shape[1])
+        return shape
+
+    def _needs_projection(self, in_channels):
+        mismatch = self.strides != (1, 1) or in_channels != self.output_channels
+        if self.shortcut == "identity" and mismatch:
+            raise ValueError(
+                f"`shortcut='identity'` needs the output to have the input's "
+                f"shape, but {type(self).__name__} '{self.name}' maps "
+                f"{in_channels} to {self.output_channels} channels with "
+                f"strides={self.strides}. Use shortcut='auto' or 'projection'. "
+                f"Received: shortcut='identity'"
+            )
+        return self.shortcut == "projection" or (self.shortcut == "auto" and mismatch)
+
+    def build(self, input_shape):
+        shape = self._checked_shape(input_shape)
+        in_channels = shape[self._channel_axis]
+        branch_shape = shape
+        for conv, bn in self._units():
+            conv.build(branch_shape)
+            branch_shape = conv.compute_output_shape(branch_shape)
+            bn.build(branch_shape)
+        if self._needs_projection(in_channels):
+            self.shortcut_conv = self._make_conv(
+                self.output_channels, 1, self.strides, "_0_conv"
+            )
+            self.shortcut_bn = self._make_bn("_0_bn")
+            self.shortcut_conv.build(shape)
+            self.shortcut_bn.build(self.shortcut_conv.compute_output_shape(shape))
+        if self.drop_path is not None:
+            self.drop_path.build(branch_shape)
+        channel_axis = -1 if self.data_format == "channels_last" else 1
+        self.input_spec = keras.InputSpec(ndim=4, axes={channel_axis: in_channels})
+
+    def compute_output_shape(self, input_shape):
+        shape = check.image_shape(input_shape, "input_shape", type(self).__name__)
+        if self.data_format == "channels_last":
+            batch, height, width, _ = shape
+        else:
+            batch, _, height, width = shape
+        height, width = (
+            None if size is None else math.ceil(size / stride)
+            for size, stride in zip((height, width), self.strides)
+        )
+        if self.data_format == "channels_last":
+            return (batch, height, width, self.output_channels)
+        return (batch, self.output_channels, height, width)
+
+    # -- forward --------------------------------------------------------------
+
+    def call(self, inputs, training=None):
+        x = ops.cast(inputs, self.compute_dtype)
+        if self._transpose:
+            x = ops.transpose(x, (0, 2, 3, 1))
+        shortcut = x
+        if self.shortcut_conv is not None:
+            shortcut = self.shortcut_bn(self.shortcut_conv(x), training=training)
+        units = self._units()
+        for index, (conv, bn) in enumerate(units, 1):
+            x = bn(conv(x), training=training)
+            if index < len(units):
+                x = self._activation_fn(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x, training=training)
+        # Both branches are in the compute dtype, so under mixed precision
+        # the add runs in float16/bfloat16 like the rest of the block.
+        x = self._activation_fn(ops.add(x, shortcut))
+        if self._transpose:
+            x = ops.transpose(x, (0, 3, 1, 2))
+        return x
+
+    # -- config ---------------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "activation": self.activation,
+                "shortcut": self.shortcut,
+                "use_bias": self.use_bias,
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "kernel_regularizer": keras.regularizers.serialize(
+                    self.kernel_regularizer
+                )
+                if self.kernel_regularizer is not None
+                else None,
+                "zero_init_residual": self.zero_init_residual,
+                "drop_path_rate": self.drop_path_rate,
+                "seed": self.seed,
+                "data_format": self.data_format,
+            }
+        )
+        return config
