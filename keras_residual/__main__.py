@@ -17,12 +17,8 @@ def main(argv=None) -> int:
         "demo",
         help="train a Sequential ResNet on the scikit-learn digits, save and reload it",
     )
-    demo.add_argument(
-        "--epochs", type=int, default=20, help="training epochs (default 20)"
-    )
-    demo.add_argument(
-        "--batch-size", type=int, default=32, help="batch size (default 32)"
-    )
+    demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    demo.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument(
         "--out",

@@ -15,9 +15,7 @@ DATA_FORMATS = ("channels_last", "channels_first")
 
 def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     return int(value)
 
 
@@ -26,8 +24,7 @@ def int_pair(value, name: str) -> tuple[int, int]:
     items = value if isinstance(value, (tuple, list)) else (value, value)
     if len(items) != 2:
         raise ValueError(
-            f"`{name}` must be an integer or a tuple of 2 integers. "
-            f"Received: {name}={value!r}"
+            f"`{name}` must be an integer or a tuple of 2 integers. Received: {name}={value!r}"
         )
     for item in items:
         if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < 1:
@@ -41,9 +38,7 @@ def int_pair(value, name: str) -> tuple[int, int]:
 def one_of(value, name: str, allowed) -> str:
     if value not in allowed:
         choices = ", ".join(repr(a) for a in allowed)
-        raise ValueError(
-            f"`{name}` must be one of {choices}. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be one of {choices}. Received: {name}={value!r}")
     return value
 
 
@@ -83,17 +78,13 @@ def fraction(value, name: str, *, low_inclusive: bool = True) -> float:
     ok = ok and (0.0 <= value if low_inclusive else 0.0 < value) and value < 1.0
     if not ok:
         bound = "[0, 1)" if low_inclusive else "(0, 1)"
-        raise ValueError(
-            f"`{name}` must be a float in {bound}. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be a float in {bound}. Received: {name}={value!r}")
     return float(value)
 
 
 def positive_float(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(
-            f"`{name}` must be a positive number. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
     return float(value)
 
 
@@ -101,9 +92,7 @@ def optional_int(value, name: str):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(
-            f"`{name}` must be an integer or None. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be an integer or None. Received: {name}={value!r}")
     return int(value)
 
 

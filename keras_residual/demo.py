@@ -90,9 +90,7 @@ def run(
     import keras
 
     start = time.perf_counter()
-    print(
-        f"keras_residual demo: Keras {keras.__version__}, backend {keras.config.backend()}"
-    )
+    print(f"keras_residual demo: Keras {keras.__version__}, backend {keras.config.backend()}")
     keras.utils.set_random_seed(seed)
 
     x_train, x_test, y_train, y_test = load_digits_split(seed)
@@ -107,17 +105,13 @@ def run(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    print(
-        f"[2/4] Model: keras.Sequential of ResidualBlocks, {model.count_params():,} parameters"
-    )
+    print(f"[2/4] Model: keras.Sequential of ResidualBlocks, {model.count_params():,} parameters")
     if verbose:
         model.summary()
 
     print(f"[3/4] Training for {epochs} epochs")
     train_start = time.perf_counter()
-    model.fit(
-        x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=verbose and 1
-    )
+    model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=verbose and 1)
     train_seconds = time.perf_counter() - train_start
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
     print(
@@ -140,9 +134,7 @@ def run(
     expected = model.predict(x_test, verbose=0)
     reloaded = np.load(reloaded_path)
     max_diff = float(np.max(np.abs(expected - reloaded)))
-    agree = bool(
-        max_diff <= 1e-5 and np.array_equal(expected.argmax(-1), reloaded.argmax(-1))
-    )
+    agree = bool(max_diff <= 1e-5 and np.array_equal(expected.argmax(-1), reloaded.argmax(-1)))
     print(
         f"      reloaded predictions {'agree' if agree else 'DISAGREE'} "
         f"(max abs difference {max_diff:.2e})"

@@ -100,9 +100,7 @@ def run_layer_test(
         mixed = layer_cls(**init_kwargs, dtype="mixed_float16")
         y16 = mixed(x, training=True)
         assert keras.backend.standardize_dtype(y16.dtype) == "float16"
-        assert all(
-            keras.backend.standardize_dtype(w.dtype) == "float32" for w in mixed.weights
-        )
+        assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in mixed.weights)
         assert np.all(np.isfinite(keras.ops.convert_to_numpy(y16)))
 
     # 7. Saving restores every weight.

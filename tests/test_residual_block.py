@@ -158,9 +158,7 @@ def test_activations(activation, fn):
     block = ResidualBlock(4, activation=activation, zero_init_residual=True)
     x = random_input((2, 5, 5, 4)) * 8
     y = keras.ops.convert_to_numpy(block(x, training=False))
-    expected = (
-        keras.ops.convert_to_numpy(keras.activations.gelu(x)) if fn is None else fn(x)
-    )
+    expected = keras.ops.convert_to_numpy(keras.activations.gelu(x)) if fn is None else fn(x)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -182,9 +180,7 @@ def test_drop_path_drops_whole_branches_in_training_only():
     inference = keras.ops.convert_to_numpy(block(x, training=False))
     branch = inference - x  # residual branch in inference (linear activation)
     # Nothing is dropped in inference: a second call gives the same output.
-    np.testing.assert_array_equal(
-        inference, keras.ops.convert_to_numpy(block(x, training=False))
-    )
+    np.testing.assert_array_equal(inference, keras.ops.convert_to_numpy(block(x, training=False)))
     trained = keras.ops.convert_to_numpy(block(x, training=True))
     # In training the BN uses batch statistics, so compare the structure:
     # a dropped sample's output is exactly its input.
@@ -245,9 +241,7 @@ def test_mixed_precision_residual_add_in_compute_dtype(policy):
     assert block.compute_dtype == compute
     for sub in block._flatten_layers(include_self=False):
         assert sub.compute_dtype == compute, sub.name
-    assert {keras.backend.standardize_dtype(w.dtype) for w in block.weights} == {
-        "float32"
-    }
+    assert {keras.backend.standardize_dtype(w.dtype) for w in block.weights} == {"float32"}
 
 
 def test_sequential_without_input_builds_on_first_call():

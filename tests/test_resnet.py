@@ -159,7 +159,12 @@ def test_imagenet_uses_keras_applications_url_and_hash(tmp_path, monkeypatch):
 
     name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert calls == [
-        (name, ka_resnet.BASE_WEIGHTS_PATH + name, "models", ka_resnet.WEIGHTS_HASHES["resnet50"][1])
+        (
+            name,
+            ka_resnet.BASE_WEIGHTS_PATH + name,
+            "models",
+            ka_resnet.WEIGHTS_HASHES["resnet50"][1],
+        )
     ]
     x = images()
     assert_close(ours(x), reference(x))
@@ -170,8 +175,11 @@ def test_imagenet_offline_fails_with_a_clear_message(monkeypatch):
         raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(keras.utils, "get_file", offline)
-    with pytest.raises(OSError, match=r"Could not fetch the ImageNet weights for resnet101.*"
-                       r"pass its path as `weights="):
+    with pytest.raises(
+        OSError,
+        match=r"Could not fetch the ImageNet weights for resnet101.*"
+        r"pass its path as `weights=",
+    ):
         ResNet101(weights="imagenet")
 
 
@@ -189,8 +197,12 @@ def test_keras3_weights_file(tmp_path):
 @pytest.mark.parametrize("include_top, pooling", [(True, None), (False, "max")])
 def test_from_keras_applications(include_top, pooling):
     reference = keras.applications.ResNet50(
-        weights=None, include_top=include_top, pooling=pooling, classes=7,
-        classifier_activation=None, input_shape=(48, 48, 3),
+        weights=None,
+        include_top=include_top,
+        pooling=pooling,
+        classes=7,
+        classifier_activation=None,
+        input_shape=(48, 48, 3),
     )
     ours = from_keras_applications(reference)
     assert type(ours) is ResNet50
@@ -210,7 +222,9 @@ def test_from_keras_applications_rejects_other_models():
 def test_channels_first_model_matches_channels_last():
     last = ResNet18(input_shape=(32, 32, 3), classes=5, classifier_activation=None)
     first = ResNet18(
-        input_shape=(3, 32, 32), classes=5, classifier_activation=None,
+        input_shape=(3, 32, 32),
+        classes=5,
+        classifier_activation=None,
         data_format="channels_first",
     )
     first.set_weights(last.get_weights())
@@ -227,8 +241,11 @@ def test_config_round_trip():
     assert "block_type" not in config and "stage_depths" not in config
     config_round_trip(model)
     generic = ResNet(
-        block_type="basic", stage_depths=(1, 1), stage_filters=(8, 16),
-        input_shape=(16, 16, 3), classes=3,
+        block_type="basic",
+        stage_depths=(1, 1),
+        stage_filters=(8, 16),
+        input_shape=(16, 16, 3),
+        classes=3,
     )
     assert generic.get_config()["stage_depths"] == (1, 1)
     config_round_trip(generic)

@@ -92,16 +92,12 @@ class BaseResidualBlock(keras.layers.Layer):
             setattr(
                 self,
                 f"conv{index}",
-                self._make_conv(
-                    unit_filters, unit_kernel, unit_strides, f"_{index}_conv"
-                ),
+                self._make_conv(unit_filters, unit_kernel, unit_strides, f"_{index}_conv"),
             )
             setattr(
                 self,
                 f"bn{index}",
-                self._make_bn(
-                    f"_{index}_bn", zero_gamma=last and self.zero_init_residual
-                ),
+                self._make_bn(f"_{index}_bn", zero_gamma=last and self.zero_init_residual),
             )
         self._num_units = len(specs)
 
@@ -198,9 +194,7 @@ class BaseResidualBlock(keras.layers.Layer):
             branch_shape = conv.compute_output_shape(branch_shape)
             bn.build(branch_shape)
         if self._needs_projection(in_channels):
-            self.shortcut_conv = self._make_conv(
-                self.output_channels, 1, self.strides, "_0_conv"
-            )
+            self.shortcut_conv = self._make_conv(self.output_channels, 1, self.strides, "_0_conv")
             self.shortcut_bn = self._make_bn("_0_bn")
             self.shortcut_conv.build(shape)
             self.shortcut_bn.build(self.shortcut_conv.compute_output_shape(shape))
@@ -217,7 +211,7 @@ class BaseResidualBlock(keras.layers.Layer):
             batch, _, height, width = shape
         height, width = (
             None if size is None else math.ceil(size / stride)
-            for size, stride in zip((height, width), self.strides)
+            for size, stride in zip((height, width), self.strides, strict=True)
         )
         if self.data_format == "channels_last":
             return (batch, height, width, self.output_channels)
@@ -260,12 +254,8 @@ class BaseResidualBlock(keras.layers.Layer):
                 "use_bias": self.use_bias,
                 "momentum": self.momentum,
                 "epsilon": self.epsilon,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.kernel_regularizer
-                )
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer)
                 if self.kernel_regularizer is not None
                 else None,
                 "zero_init_residual": self.zero_init_residual,

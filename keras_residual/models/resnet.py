@@ -197,7 +197,7 @@ class ResNet(keras.Model):
         total = sum(self.stage_depths)
         self.blocks = []
         for stage, (depth, filters) in enumerate(
-            zip(self.stage_depths, self.stage_filters)
+            zip(self.stage_depths, self.stage_filters, strict=True)
         ):
             for index in range(depth):
                 position = len(self.blocks)
@@ -205,9 +205,7 @@ class ResNet(keras.Model):
                     block_cls(
                         filters,
                         strides=2 if stage > 0 and index == 0 else 1,
-                        drop_path_rate=self.drop_path_rate
-                        * position
-                        / max(total - 1, 1),
+                        drop_path_rate=self.drop_path_rate * position / max(total - 1, 1),
                         seed=None if self.seed is None else self.seed + position,
                         name=f"conv{stage + 2}_block{index + 1}",
                         **block_kwargs,
@@ -234,6 +232,9 @@ class ResNet(keras.Model):
             )
 
         self.build((None, *self.image_shape))
+        # One symbolic call (shape inference only, no compute) marks the model
+        # as called, so `model.export()` and `summary()` work right away.
+        self(keras.KerasTensor((None, *self.image_shape), dtype=self.input_dtype))
         if weights is not None:
             weights_lib.load_weights(self, weights)
 
@@ -249,9 +250,7 @@ class ResNet(keras.Model):
         ]
 
     def _head(self):
-        return [
-            layer for layer in (self.avg_pool, self.max_pool, self.predictions) if layer
-        ]
+        return [layer for layer in (self.avg_pool, self.max_pool, self.predictions) if layer]
 
     def _checked_shape(self, input_shape):
         shape = check.image_shape(input_shape, "input_shape", type(self).__name__)
@@ -420,8 +419,7 @@ def _int_tuple(value, name):
     if items:
         return items
     raise ValueError(
-        f"`{name}` must be a non-empty tuple of positive integers. "
-        f"Received: {name}={value!r}"
+        f"`{name}` must be a non-empty tuple of positive integers. Received: {name}={value!r}"
     )
 
 

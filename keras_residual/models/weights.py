@@ -168,9 +168,7 @@ def assign_by_name(model, values: dict, source: str) -> None:
 
 def load_legacy_h5_weights(model, filepath) -> None:
     """Loads a legacy-layout HDF5 weights file into ``model`` by layer name."""
-    assign_by_name(
-        model, read_legacy_h5(filepath), f"The weights file {os.fspath(filepath)!r}"
-    )
+    assign_by_name(model, read_legacy_h5(filepath), f"The weights file {os.fspath(filepath)!r}")
 
 
 _BLOCK = re.compile(r"^conv(\d+)_block(\d+)_1_conv$")
@@ -218,9 +216,7 @@ def from_keras_applications(model, **kwargs):
     if include_top:
         head = model.get_layer("predictions")
         kwargs.setdefault("classes", head.units)
-        kwargs.setdefault(
-            "classifier_activation", keras.activations.serialize(head.activation)
-        )
+        kwargs.setdefault("classifier_activation", keras.activations.serialize(head.activation))
     elif "avg_pool" in names:
         kwargs.setdefault("pooling", "avg")
     elif "max_pool" in names:
@@ -246,8 +242,6 @@ def from_keras_applications(model, **kwargs):
             include_top=include_top,
             **kwargs,
         )
-    values = {
-        layer.name: layer.get_weights() for layer in model.layers if layer.weights
-    }
+    values = {layer.name: layer.get_weights() for layer in model.layers if layer.weights}
     assign_by_name(ours, values, f"keras.applications model {model.name!r}")
     return ours
