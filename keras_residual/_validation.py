@@ -72,13 +72,10 @@ def activation(value, name: str = "activation") -> str:
     return value
 
 
-def fraction(value, name: str, *, low_inclusive: bool = True) -> float:
-    """A float in [0, 1) (or (0, 1) when ``low_inclusive`` is false)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and (0.0 <= value if low_inclusive else 0.0 < value) and value < 1.0
-    if not ok:
-        bound = "[0, 1)" if low_inclusive else "(0, 1)"
-        raise ValueError(f"`{name}` must be a float in {bound}. Received: {name}={value!r}")
+def fraction(value, name: str) -> float:
+    """A float in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be a float in [0, 1). Received: {name}={value!r}")
     return float(value)
 
 

@@ -111,7 +111,7 @@ def run(
 
     print(f"[3/4] Training for {epochs} epochs")
     train_start = time.perf_counter()
-    model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=verbose and 1)
+    model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=verbose)
     train_seconds = time.perf_counter() - train_start
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
     print(

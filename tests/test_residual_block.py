@@ -58,6 +58,7 @@ def reference_block(block, x):
         return (y - bn.moving_mean) * scale + bn.beta
 
     act = keras.activations.get(block.activation)
+    x = keras.ops.convert_to_tensor(x)
     y = act(conv_bn(block.conv1, block.bn1, x, block.strides))
     y = conv_bn(block.conv2, block.bn2, y, 1)
     shortcut = x

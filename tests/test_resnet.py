@@ -285,3 +285,9 @@ def test_mixed_precision_model():
     y = model(random_input((2, 32, 32, 3)), training=True)
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
     assert {keras.backend.standardize_dtype(w.dtype) for w in model.weights} == {"float32"}
+
+
+def test_preset_arguments_are_keyword_only():
+    """keras.applications' positional order differs; no silent misbinding."""
+    with pytest.raises(TypeError):
+        ResNet50(False)

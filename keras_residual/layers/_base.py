@@ -186,6 +186,8 @@ class BaseResidualBlock(keras.layers.Layer):
         return self.shortcut == "projection" or (self.shortcut == "auto" and mismatch)
 
     def build(self, input_shape):
+        if self.built:
+            return
         shape = self._checked_shape(input_shape)
         in_channels = shape[self._channel_axis]
         branch_shape = shape

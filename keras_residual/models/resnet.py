@@ -333,7 +333,7 @@ class _Preset(ResNet):
     stage_depths_preset = (3, 4, 6, 3)
     default_name = "resnet"
 
-    def __init__(self, name=None, **kwargs):
+    def __init__(self, *, name=None, **kwargs):
         for key in ("block_type", "stage_depths"):
             if key in kwargs:
                 raise ValueError(

@@ -20,6 +20,8 @@ import numpy as np
 # keras.applications' own download location and file hashes.
 from keras.src.applications.resnet import BASE_WEIGHTS_PATH, WEIGHTS_HASHES
 
+IMAGENET_MODELS = ("resnet50", "resnet101", "resnet152")
+
 
 def check_weights_argument(weights, model) -> None:
     """Validates ``weights`` before anything is built."""
@@ -27,8 +29,8 @@ def check_weights_argument(weights, model) -> None:
         return
     if weights == "imagenet":
         key = getattr(model, "default_name", None)
-        if key not in WEIGHTS_HASHES:
-            available = ", ".join(sorted(k for k in WEIGHTS_HASHES if "v2" not in k))
+        if key not in IMAGENET_MODELS:
+            available = "ResNet50, ResNet101 and ResNet152"
             raise ValueError(
                 f"ImageNet weights exist for {available} (keras.applications), not "
                 f"for {type(model).__name__}. Received: weights='imagenet'"
