@@ -121,9 +121,12 @@ def run_layer_test(
         )
 
 
-def run_fresh_python(code: str, *args: str, timeout: int = 300) -> str:
-    """Runs ``code`` in a new Python process; returns its stdout."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+def run_fresh_python(code: str, *args, env=None, timeout: int = 300) -> str:
+    """Runs ``code`` in a new Python process; returns its stdout.
+
+    ``env`` adds to (or overrides) this process' environment.
+    """
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
         capture_output=True,

@@ -25,6 +25,7 @@ attribute              layer name                    what
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 from keras import ops
@@ -32,6 +33,34 @@ from keras import ops
 from keras_residual import _validation as check
 
 SHORTCUTS = ("auto", "projection", "identity")
+
+
+def batch_normalization(synchronized=False, **kwargs):
+    """A ``keras.layers.BatchNormalization``; ``synchronized`` per backend.
+
+    ``synchronized=True`` means batch statistics over the global batch of a
+    data-parallel step:
+
+    - TensorFlow: Keras' ``BatchNormalization(synchronized=True)``, which
+      all-reduces the statistics across the replicas of a ``tf.distribute``
+      strategy.
+    - JAX: under ``keras.distribution`` the step is one program over the
+      global, sharded batch, so the statistics are global whatever this flag
+      says; Keras' own flag is refused there, and is not passed.
+    - torch: Keras has no synchronized BatchNormalization; every DDP process
+      uses its local batch. The flag is kept in the config (so files move
+      between backends) and a warning says it has no effect.
+    """
+    backend = keras.config.backend()
+    if synchronized and backend == "torch":
+        warnings.warn(
+            "synchronized=True has no effect on the torch backend: under DDP each "
+            "process normalizes with its own batch statistics.",
+            stacklevel=3,
+        )
+    return keras.layers.BatchNormalization(
+        synchronized=bool(synchronized) and backend == "tensorflow", **kwargs
+    )
 
 
 class BaseResidualBlock(keras.layers.Layer):
@@ -60,6 +89,7 @@ class BaseResidualBlock(keras.layers.Layer):
         drop_path_rate=0.0,
         seed=None,
         data_format=None,
+        synchronized=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -77,6 +107,7 @@ class BaseResidualBlock(keras.layers.Layer):
         self.drop_path_rate = check.fraction(drop_path_rate, "drop_path_rate")
         self.seed = check.optional_int(seed, "seed")
         self.data_format = check.data_format(data_format)
+        self.synchronized = bool(synchronized)
 
         # On TensorFlow, channels_first is computed in NHWC between two
         # transposes; the sublayers then work channels_last.
@@ -147,10 +178,11 @@ class BaseResidualBlock(keras.layers.Layer):
         )
 
     def _make_bn(self, suffix, zero_gamma=False):
-        return keras.layers.BatchNormalization(
+        return batch_normalization(
             axis=self._channel_axis,
             momentum=self.momentum,
             epsilon=self.epsilon,
+            synchronized=self.synchronized,
             gamma_initializer="zeros" if zero_gamma else "ones",
             name=f"{self.name}{suffix}",
             dtype=self.dtype_policy,
@@ -264,6 +296,7 @@ class BaseResidualBlock(keras.layers.Layer):
                 "drop_path_rate": self.drop_path_rate,
                 "seed": self.seed,
                 "data_format": self.data_format,
+                "synchronized": self.synchronized,
             }
         )
         return config

@@ -52,6 +52,12 @@ class ResidualBlock(BaseResidualBlock):
             Defaults to `None`.
         data_format: `"channels_last"`, `"channels_first"` or `None` for
             `keras.config.image_data_format()`. Defaults to `None`.
+        synchronized: bool. Whether BatchNormalization uses the statistics of
+            the global batch in data-parallel training. On TensorFlow this is
+            Keras' synchronized BatchNormalization under `tf.distribute`; on
+            JAX, `keras.distribution` computes global statistics either way;
+            on torch it has no effect (each DDP process uses its own batch)
+            and warns. Defaults to `False`.
         **kwargs: base layer arguments, such as `name`, `dtype` and
             `trainable`.
 

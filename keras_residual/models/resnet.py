@@ -25,6 +25,7 @@ from keras import ops
 
 from keras_residual import _validation as check
 from keras_residual.layers import BottleneckBlock, ResidualBlock
+from keras_residual.layers._base import batch_normalization
 from keras_residual.models import weights as weights_lib
 
 BLOCK_TYPES = {"basic": ResidualBlock, "bottleneck": BottleneckBlock}
@@ -82,6 +83,9 @@ class ResNet(keras.Model):
             Defaults to `None`.
         data_format: `"channels_last"`, `"channels_first"` or `None` for
             `keras.config.image_data_format()`. Defaults to `None`.
+        synchronized: bool. Synchronized BatchNormalization statistics in
+            data-parallel training, as for `ResidualBlock`.
+            Defaults to `False`.
         name: str. Name of the model. Defaults to `"resnet"`.
         **kwargs: base model arguments, such as `dtype` and `trainable`.
 
@@ -113,6 +117,7 @@ class ResNet(keras.Model):
         drop_path_rate=0.0,
         seed=None,
         data_format=None,
+        synchronized=False,
         name="resnet",
         **kwargs,
     ):
@@ -142,6 +147,7 @@ class ResNet(keras.Model):
         self.drop_path_rate = check.fraction(drop_path_rate, "drop_path_rate")
         self.seed = check.optional_int(seed, "seed")
         self.data_format = check.data_format(data_format)
+        self.synchronized = bool(synchronized)
         self.image_shape = _image_shape(input_shape, self.data_format)
         weights_lib.check_weights_argument(weights, self)
 
@@ -166,10 +172,11 @@ class ResNet(keras.Model):
             name="conv1_conv",
             dtype=dtype,
         )
-        self.conv1_bn = keras.layers.BatchNormalization(
+        self.conv1_bn = batch_normalization(
             axis=-1 if inner == "channels_last" else 1,
             momentum=self.momentum,
             epsilon=self.epsilon,
+            synchronized=self.synchronized,
             name="conv1_bn",
             dtype=dtype,
         )
@@ -190,6 +197,7 @@ class ResNet(keras.Model):
             "kernel_regularizer": self.kernel_regularizer,
             "zero_init_residual": self.zero_init_residual,
             "data_format": inner,
+            "synchronized": self.synchronized,
             "dtype": dtype,
         }
         if block_cls is BottleneckBlock:
@@ -319,6 +327,7 @@ class ResNet(keras.Model):
             "drop_path_rate": self.drop_path_rate,
             "seed": self.seed,
             "data_format": self.data_format,
+            "synchronized": self.synchronized,
         }
 
     @classmethod
