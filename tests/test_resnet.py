@@ -291,3 +291,34 @@ def test_preset_arguments_are_keyword_only():
     """keras.applications' positional order differs; no silent misbinding."""
     with pytest.raises(TypeError):
         ResNet50(False)
+
+
+def test_get_layer_finds_nested_layers_by_keras_applications_name():
+    model = ResNet50()
+    assert model.get_layer("conv2_block1_1_conv") is model.blocks[0].conv1
+    assert model.get_layer("conv5_block3_3_bn") is model.blocks[-1].bn3
+    assert model.get_layer("conv1_conv") is model.conv1_conv
+    assert model.get_layer(index=0) is model.conv1_pad
+    with pytest.raises(ValueError, match="No such layer"):
+        model.get_layer("conv4_block6_out")
+
+
+def test_legacy_file_weight_order_is_by_name_not_position(tmp_path):
+    """A file listing a BN's weights in another order still loads right."""
+    source = keras.applications.ResNet50(weights=None, include_top=False)
+    rng = np.random.default_rng(0)
+    for layer in source.layers:
+        if layer.weights:
+            layer.set_weights([rng.normal(size=w.shape) for w in layer.weights])
+    path = write_legacy_weights(source, tmp_path / "w.h5")
+    with h5py.File(path, "r+") as file:
+        group = file["conv1_bn"]
+        names = list(group.attrs["weight_names"])
+        group.attrs["weight_names"] = names[::-1]  # variance, mean, beta, gamma
+    ours = ResNet50(include_top=False, weights=str(path))
+    for ours_w, source_w in zip(
+        ours.get_layer("conv1_bn").weights, source.get_layer("conv1_bn").weights, strict=True
+    ):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(ours_w), keras.ops.convert_to_numpy(source_w)
+        )

@@ -298,6 +298,19 @@ class ResNet(keras.Model):
             x = ops.transpose(x, (0, 3, 1, 2))
         return x
 
+    def get_layer(self, name=None, index=None):
+        """A layer by index, or by name at any depth.
+
+        Names are those of `keras.applications`, so
+        `model.get_layer("conv2_block1_1_conv")` finds the convolution inside
+        the block `conv2_block1`, as it does in `keras.applications.ResNet50`.
+        """
+        if name is not None and index is None:
+            for layer in self._flatten_layers(include_self=False):
+                if layer.name == name:
+                    return layer
+        return super().get_layer(name=name, index=index)
+
     # -- config ---------------------------------------------------------------
 
     def get_config(self):

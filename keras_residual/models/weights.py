@@ -119,10 +119,28 @@ def read_legacy_h5(filepath) -> dict[str, list[np.ndarray]]:
             )
         values = {}
         for name in _decode(group.attrs["layer_names"]):
-            weight_names = _decode(group[name].attrs.get("weight_names", []))
+            weight_names = _in_layer_order(_decode(group[name].attrs.get("weight_names", [])))
             if weight_names:
                 values[name] = [np.asarray(group[name][w]) for w in weight_names]
         return values
+
+
+# The order of a layer's weights in Keras: conv and dense, then BN.
+_LAYER_ORDER = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")
+
+
+def _in_layer_order(weight_names):
+    """Sorts names such as ``conv1_bn/beta:0`` into the layer's own order.
+
+    Files list them in that order already; this keeps a file whose writer
+    listed them otherwise from swapping, say, a BN's gamma and beta, which
+    have the same shape. Unknown names keep the file's order.
+    """
+    bases = [n.rsplit("/", 1)[-1].split(":", 1)[0] for n in weight_names]
+    if not set(bases) <= set(_LAYER_ORDER):
+        return weight_names
+    order = sorted(range(len(bases)), key=lambda i: _LAYER_ORDER.index(bases[i]))
+    return [weight_names[i] for i in order]
 
 
 def leaf_layers(model) -> dict:
