@@ -16,6 +16,22 @@ def random_input(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
 
+def randomize_bn_statistics(layer, seed=0):
+    """Non-trivial BN weights and statistics, as trained models have."""
+    rng = np.random.default_rng(seed)
+    for sub in layer._flatten_layers(include_self=False):
+        if isinstance(sub, keras.layers.BatchNormalization):
+            n = sub.gamma.shape[0]
+            sub.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, n),
+                    rng.normal(0, 0.1, n),
+                    rng.normal(0, 0.1, n),
+                    rng.uniform(0.5, 2.0, n),
+                ]
+            )
+
+
 def config_round_trip(layer):
     """``from_config(get_config())`` gives the same config, also via JSON."""
     config = layer.get_config()

@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from helpers import random_input, run_layer_test
+from helpers import random_input, randomize_bn_statistics, run_layer_test
 
 from keras_residual import ResidualBlock
 
@@ -65,21 +65,6 @@ def reference_block(block, x):
     if block.shortcut_conv is not None:
         shortcut = conv_bn(block.shortcut_conv, block.shortcut_bn, x, block.strides)
     return keras.ops.convert_to_numpy(act(y + shortcut))
-
-
-def randomize_bn_statistics(layer, seed=0):
-    rng = np.random.default_rng(seed)
-    for sub in layer._flatten_layers(include_self=False):
-        if isinstance(sub, keras.layers.BatchNormalization):
-            n = sub.gamma.shape[0]
-            sub.set_weights(
-                [
-                    rng.uniform(0.5, 1.5, n),
-                    rng.normal(0, 0.1, n),
-                    rng.normal(0, 0.1, n),
-                    rng.uniform(0.5, 2.0, n),
-                ]
-            )
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from helpers import config_round_trip, random_input
+from helpers import config_round_trip, random_input, randomize_bn_statistics
 
 import keras_residual
 from keras_residual import (
@@ -94,19 +94,7 @@ def test_resnet50_parity_from_legacy_weights_file(tmp_path, include_top, pooling
     reference = keras.applications.ResNet50(
         weights=None, include_top=include_top, pooling=pooling, input_shape=(64, 64, 3)
     )
-    # Non-trivial BN statistics, as trained weights have.
-    rng = np.random.default_rng(0)
-    for layer in reference.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.gamma.shape[0]
-            layer.set_weights(
-                [
-                    rng.uniform(0.5, 1.5, n),
-                    rng.normal(0, 0.1, n),
-                    rng.normal(0, 0.1, n),
-                    rng.uniform(0.5, 2, n),
-                ]
-            )
+    randomize_bn_statistics(reference)
     path = write_legacy_weights(reference, tmp_path / "resnet50_legacy.h5")
     ours = ResNet50(include_top=include_top, pooling=pooling, weights=str(path))
     x = images()

@@ -82,25 +82,20 @@ def test_weights_file_loads_in_a_fresh_process(tmp_path):
     train_a_little(model, x)
     model.save_weights(tmp_path / "m.weights.h5")
     np.save(tmp_path / "x.npy", x)
+    (tmp_path / "m.json").write_text(model.to_json())
     code = """
     import sys
     import numpy as np
     import keras
     import keras_residual
 
-    model = keras.Sequential([
-        keras.Input((16, 16, 3)),
-        keras.layers.Conv2D(8, 3, padding="same"),
-        keras_residual.ResidualBlock(8, activation="leaky_relu", drop_path_rate=0.1),
-        keras_residual.ResidualBlock(16, strides=2, kernel_regularizer="l2"),
-        keras_residual.BottleneckBlock(4, strides=2, stride_on="1x1"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(3),
-    ])
+    model = keras.models.model_from_json(open(sys.argv[4]).read())  # a fresh, untrained copy
     model.load_weights(sys.argv[1])
     np.save(sys.argv[3], keras.ops.convert_to_numpy(model(np.load(sys.argv[2]))))
     """
-    run_fresh_python(code, tmp_path / "m.weights.h5", tmp_path / "x.npy", tmp_path / "y.npy")
+    run_fresh_python(
+        code, tmp_path / "m.weights.h5", tmp_path / "x.npy", tmp_path / "y.npy", tmp_path / "m.json"
+    )
     np.testing.assert_allclose(
         np.load(tmp_path / "y.npy"), keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-6
     )
