@@ -117,14 +117,3 @@ def channels(shape: tuple, data_format_: str, name: str, layer_name: str) -> int
             f"data_format={data_format_!r}). Received: {name}={shape!r}"
         )
     return int(value)
-
-
-def computes_channels_last(data_format_: str) -> bool:
-    """Whether a layer asked for ``data_format_`` should compute in NHWC.
-
-    TensorFlow's CPU convolution and pooling kernels only support NHWC, so on
-    the TensorFlow backend a ``channels_first`` layer transposes its input to
-    NHWC, computes there, and transposes back. The weights are the same in
-    both layouts, so files move freely between backends and formats.
-    """
-    return data_format_ == "channels_first" and keras.config.backend() == "tensorflow"

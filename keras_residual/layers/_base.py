@@ -31,6 +31,7 @@ import keras
 from keras import ops
 
 from keras_residual import _validation as check
+from keras_residual._layout import Layout
 
 SHORTCUTS = ("auto", "projection", "identity")
 
@@ -111,10 +112,7 @@ class BaseResidualBlock(keras.layers.Layer):
 
         # On TensorFlow, channels_first is computed in NHWC between two
         # transposes; the sublayers then work channels_last.
-        self._transpose = check.computes_channels_last(self.data_format)
-        inner_format = "channels_last" if self._transpose else self.data_format
-        self._inner_format = inner_format
-        self._channel_axis = -1 if inner_format == "channels_last" else 1
+        self._layout = Layout(self.data_format)
         self._activation_fn = keras.activations.get(self.activation)
 
         specs = self._unit_specs()
@@ -169,7 +167,7 @@ class BaseResidualBlock(keras.layers.Layer):
             kernel_size,
             strides=strides,
             padding="same",
-            data_format=self._inner_format,
+            data_format=self._layout.inner,
             use_bias=self.use_bias,
             kernel_initializer=self.kernel_initializer,
             kernel_regularizer=self.kernel_regularizer,
@@ -179,7 +177,7 @@ class BaseResidualBlock(keras.layers.Layer):
 
     def _make_bn(self, suffix, zero_gamma=False):
         return batch_normalization(
-            axis=self._channel_axis,
+            axis=self._layout.channel_axis,
             momentum=self.momentum,
             epsilon=self.epsilon,
             synchronized=self.synchronized,
@@ -196,15 +194,6 @@ class BaseResidualBlock(keras.layers.Layer):
 
     # -- shapes ---------------------------------------------------------------
 
-    def _checked_shape(self, input_shape):
-        """Validates the input shape; returns it in the inner layout."""
-        name = type(self).__name__
-        shape = check.image_shape(input_shape, "input_shape", name)
-        check.channels(shape, self.data_format, "input_shape", name)
-        if self._transpose:
-            shape = (shape[0], shape[2], shape[3], shape[1])
-        return shape
-
     def _needs_projection(self, in_channels):
         mismatch = self.strides != (1, 1) or in_channels != self.output_channels
         if self.shortcut == "identity" and mismatch:
@@ -220,8 +209,8 @@ class BaseResidualBlock(keras.layers.Layer):
     def build(self, input_shape):
         if self.built:
             return
-        shape = self._checked_shape(input_shape)
-        in_channels = shape[self._channel_axis]
+        shape = self._layout.checked_shape(input_shape, type(self).__name__)
+        in_channels = shape[self._layout.channel_axis]
         branch_shape = shape
         for conv, bn in self._units():
             conv.build(branch_shape)
@@ -254,9 +243,7 @@ class BaseResidualBlock(keras.layers.Layer):
     # -- forward --------------------------------------------------------------
 
     def call(self, inputs, training=None):
-        x = ops.cast(inputs, self.compute_dtype)
-        if self._transpose:
-            x = ops.transpose(x, (0, 2, 3, 1))
+        x = self._layout.to_inner(ops.cast(inputs, self.compute_dtype))
         shortcut = x
         if self.shortcut_conv is not None:
             shortcut = self.shortcut_bn(self.shortcut_conv(x), training=training)
@@ -269,10 +256,7 @@ class BaseResidualBlock(keras.layers.Layer):
             x = self.drop_path(x, training=training)
         # Both branches are in the compute dtype, so under mixed precision
         # the add runs in float16/bfloat16 like the rest of the block.
-        x = self._activation_fn(ops.add(x, shortcut))
-        if self._transpose:
-            x = ops.transpose(x, (0, 3, 1, 2))
-        return x
+        return self._layout.to_outer(self._activation_fn(ops.add(x, shortcut)))
 
     # -- config ---------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import keras
 from keras import ops
 
 from keras_residual import _validation as check
+from keras_residual._layout import Layout
 from keras_residual.layers import BottleneckBlock, ResidualBlock
 from keras_residual.layers._base import batch_normalization
 from keras_residual.models import weights as weights_lib
@@ -151,9 +152,8 @@ class ResNet(keras.Model):
         self.image_shape = _image_shape(input_shape, self.data_format)
         weights_lib.check_weights_argument(weights, self)
 
-        self._transpose = check.computes_channels_last(self.data_format)
-        inner = "channels_last" if self._transpose else self.data_format
-        self._inner_format = inner
+        self._layout = Layout(self.data_format)
+        inner = self._layout.inner
         self._activation_fn = keras.activations.get(self.activation)
         dtype = self.dtype_policy
 
@@ -173,7 +173,7 @@ class ResNet(keras.Model):
             dtype=dtype,
         )
         self.conv1_bn = batch_normalization(
-            axis=-1 if inner == "channels_last" else 1,
+            axis=self._layout.channel_axis,
             momentum=self.momentum,
             epsilon=self.epsilon,
             synchronized=self.synchronized,
@@ -260,43 +260,31 @@ class ResNet(keras.Model):
     def _head(self):
         return [layer for layer in (self.avg_pool, self.max_pool, self.predictions) if layer]
 
-    def _checked_shape(self, input_shape):
-        shape = check.image_shape(input_shape, "input_shape", type(self).__name__)
-        check.channels(shape, self.data_format, "input_shape", type(self).__name__)
-        if self._transpose:
-            shape = (shape[0], shape[2], shape[3], shape[1])
-        return shape
-
     def build(self, input_shape):
         if self.built:
             return
-        shape = self._checked_shape(input_shape)
+        shape = self._layout.checked_shape(input_shape, type(self).__name__)
         for layer in [*self._stem(), *self.blocks, *self._head()]:
             layer.build(shape)
             shape = layer.compute_output_shape(shape)
 
     def compute_output_shape(self, input_shape):
-        shape = self._checked_shape(input_shape)
+        shape = self._layout.checked_shape(input_shape, type(self).__name__)
         for layer in [*self._stem(), *self.blocks, *self._head()]:
             shape = layer.compute_output_shape(shape)
-        if self._transpose and len(shape) == 4:
-            shape = (shape[0], shape[3], shape[1], shape[2])
-        return shape
+        return self._layout.outer_shape(shape) if len(shape) == 4 else shape
 
     def call(self, inputs, training=None):
-        x = ops.cast(inputs, self.compute_dtype)
-        if self._transpose:
-            x = ops.transpose(x, (0, 2, 3, 1))
+        x = self._layout.to_inner(ops.cast(inputs, self.compute_dtype))
         x = self.conv1_conv(self.conv1_pad(x))
         x = self._activation_fn(self.conv1_bn(x, training=training))
         x = self.pool1_pool(self.pool1_pad(x))
         for block in self.blocks:
             x = block(x, training=training)
-        for layer in self._head():
+        head = self._head()
+        for layer in head:
             x = layer(x)
-        if self._transpose and not self._head():
-            x = ops.transpose(x, (0, 3, 1, 2))
-        return x
+        return x if head else self._layout.to_outer(x)
 
     def get_layer(self, name=None, index=None):
         """A layer by index, or by name at any depth.
