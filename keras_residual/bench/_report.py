@@ -1,0 +1,156 @@
+"""The three outputs of a run: results.json, results.md and results.png."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _number(value, digits=1, suffix=""):
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def markdown(results: dict) -> str:
+    """A Markdown report: one table per mode, then the skipped rows."""
+    lines = [
+        f"# keras_residual bench: {results['config']['model']}",
+        "",
+        f"- device: {results['device']}",
+        f"- backend: {results['backend']}; "
+        + ", ".join(f"{name} {version}" for name, version in results["versions"].items()),
+        f"- dtype policy: {results['config']['dtype']}; data format: "
+        f"{results['config']['data_format']}; batch {results['config']['batch_size']}, "
+        f"image {results['config']['image_size']}x{results['config']['image_size']}",
+        f"- {results['config']['repeats']} repeats of {results['config']['steps']} steps "
+        f"after {results['config']['warmup']} warm-up steps, rows interleaved",
+        "",
+        "Images/s is the median over the repeats (IQR: interquartile range). "
+        "vs keras.applications and vs limit are ratios of the medians: above 1 "
+        "is faster than the keras.applications row; the limit keeps the "
+        "convolutions and drops BN, bias, add and activation, so it bounds "
+        "what fusing them can win.",
+    ]
+    for mode in results["config"]["modes"]:
+        records = [r for r in results["records"] if r["mode"] == mode]
+        lines += [
+            "",
+            f"## {mode}",
+            "",
+            "| implementation | images/s | IQR | min-max | vs keras.applications | vs limit "
+            "| warm-up s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for record in records:
+            if record["images_per_second"] is None:
+                lines.append(
+                    f"| {record['implementation']} | skipped: {record['skipped']} | | | | | |"
+                )
+                continue
+            spread = record["spread"]
+            lines.append(
+                f"| {record['implementation']} | {_number(record['images_per_second'])} "
+                f"| {_number(spread['q1'])}-{_number(spread['q3'])} "
+                f"| {_number(spread['min'])}-{_number(spread['max'])} "
+                f"| {_number(record['ratio_vs_keras_applications'], 2, 'x')} "
+                f"| {_number(record['ratio_vs_limit'], 2, 'x')} "
+                f"| {_number(record['warmup_seconds'])} |"
+            )
+    notes = []
+    seen = set()
+    for record in results["records"]:
+        for key, value in record.get("notes", {}).items():
+            if key in ("params", "jit_compile") or (record["implementation"], key) in seen:
+                continue
+            seen.add((record["implementation"], key))
+            notes.append(f"- {record['implementation']}: {key}: {value}")
+    built = {}
+    for record in results["records"]:
+        if "params" in record.get("notes", {}):
+            built[record["implementation"]] = (
+                record["notes"]["params"],
+                record["notes"].get("jit_compile"),
+            )
+    if built:
+        notes.append(
+            "- parameters (jit_compile): "
+            + ", ".join(f"{label} {count:,} ({jit})" for label, (count, jit) in built.items())
+        )
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict, path: str) -> None:
+    """A bar chart of images/s, one group of bars per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot
+
+    modes = results["config"]["modes"]
+    labels = results["config"]["implementations"]
+    figure, axes = pyplot.subplots(figsize=(min(3 + 0.9 * len(labels) * len(modes), 14), 4.5))
+    width = 0.8 / max(len(labels), 1)
+    colors = pyplot.get_cmap("tab10")
+    for index, label in enumerate(labels):
+        heights, lows, highs, positions = [], [], [], []
+        for group, mode in enumerate(modes):
+            for record in results["records"]:
+                if record["mode"] != mode or record["implementation"] != label:
+                    continue
+                position = group + (index - (len(labels) - 1) / 2) * width
+                if record["images_per_second"] is None:
+                    axes.text(
+                        position,
+                        0,
+                        " skipped",
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        color="gray",
+                    )
+                    continue
+                positions.append(position)
+                heights.append(record["images_per_second"])
+                lows.append(record["images_per_second"] - record["spread"]["min"])
+                highs.append(record["spread"]["max"] - record["images_per_second"])
+        if positions:
+            axes.bar(
+                positions,
+                heights,
+                width,
+                yerr=[lows, highs],
+                capsize=3,
+                label=label,
+                color=colors(index),
+            )
+    axes.set_xticks(range(len(modes)), modes)
+    axes.set_ylabel("images per second (median; bars: min-max)")
+    config = results["config"]
+    axes.set_title(
+        f"{config['model']}, batch {config['batch_size']}, {config['image_size']}px, "
+        f"{config['dtype']} on {results['backend']}\n{results['device']}",
+        fontsize=9,
+    )
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def write(results: dict, out_dir: str) -> dict:
+    """Writes the three files; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {
+        "json": os.path.join(out_dir, "results.json"),
+        "markdown": os.path.join(out_dir, "results.md"),
+        "chart": os.path.join(out_dir, "results.png"),
+    }
+    with open(paths["json"], "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2, default=str)
+        handle.write("\n")
+    with open(paths["markdown"], "w", encoding="utf-8") as handle:
+        handle.write(markdown(results))
+    chart(results, paths["chart"])
+    return paths
