@@ -5,10 +5,17 @@ own skip connection, so a ResNet is nearly a ``keras.Sequential`` of them.
 ``ResNet50`` and its family are subclassed ``keras.Model`` classes; with the
 defaults, ``ResNet50`` is ``keras.applications.ResNet50`` and loads its
 weights.
+
+Every conv -> BN (-> add) -> activation unit runs through one op,
+``keras_residual.ops.conv_bn_add_act``: the native kernels of ``csrc/`` where
+the backend and device have them (see ``keras_residual.native``), plain
+``keras.ops`` elsewhere (``keras_residual.config``).
 """
 
 from keras.applications.resnet import decode_predictions, preprocess_input
 
+from keras_residual import config, native, ops
+from keras_residual.folding import fold_batchnorm
 from keras_residual.layers import BottleneckBlock, ResidualBlock
 from keras_residual.models import (
     ResNet,
@@ -31,7 +38,11 @@ __all__ = [
     "ResNet50",
     "ResNet101",
     "ResNet152",
+    "config",
     "decode_predictions",
+    "fold_batchnorm",
     "from_keras_applications",
+    "native",
+    "ops",
     "preprocess_input",
 ]

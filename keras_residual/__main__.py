@@ -1,4 +1,4 @@
-"""Command line: ``python -m keras_residual demo``."""
+"""Command line: ``python -m keras_residual demo|bench|info``."""
 
 from __future__ import annotations
 
@@ -33,7 +33,27 @@ def main(argv=None) -> int:
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
+    bench = commands.add_parser(
+        "bench",
+        help="time keras.applications, composite, native, folded and the limit side by side",
+    )
+    from keras_residual import bench as bench_lib
+
+    bench_lib.add_arguments(bench)
+
+    commands.add_parser(
+        "info",
+        help="print the backend, the device and the status of the native kernels",
+    )
+
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench_lib.run_from_args(args)
+    if args.command == "info":
+        from keras_residual import native
+
+        native.print_info()
+        return 0
     if args.command == "demo":
         from keras_residual import demo as demo_lib
 

@@ -24,6 +24,7 @@ attribute              layer name                    what
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -31,7 +32,9 @@ import keras
 from keras import ops
 
 from keras_residual import _validation as check
+from keras_residual import config as config_lib
 from keras_residual._layout import Layout
+from keras_residual.ops import NATIVE_ACTIVATIONS, conv_bn_add_act
 
 SHORTCUTS = ("auto", "projection", "identity")
 
@@ -64,6 +67,73 @@ def batch_normalization(synchronized=False, **kwargs):
     )
 
 
+def check_implementation(implementation, activation):
+    """Validates `implementation` against the activation it must run."""
+    config_lib._check(implementation)
+    if implementation == "native" and activation not in NATIVE_ACTIVATIONS:
+        raise ValueError(
+            f"`implementation='native'` needs an activation with a native kernel "
+            f"({', '.join(sorted(NATIVE_ACTIVATIONS))}); use 'auto' or 'composite' for "
+            f"{activation!r}. Received: implementation={implementation!r}"
+        )
+    return implementation
+
+
+def run_unit(
+    conv,
+    bn,
+    x,
+    *,
+    residual=None,
+    activation="relu",
+    training=None,
+    implementation="auto",
+    synchronized=False,
+    data_format="channels_last",
+):
+    """One conv -> BN (-> add) -> activation unit through `conv_bn_add_act`.
+
+    `conv` is a built `keras.layers.Conv2D` and `bn` a built
+    `keras.layers.BatchNormalization` (or `None` in a folded model): they hold
+    the variables, under the names the saved format uses, and this function
+    does their work. In training the moving statistics are updated exactly
+    as `BatchNormalization` does it; a BN that is not trainable (a frozen
+    block) runs in inference mode, also as Keras does.
+    """
+    train_bn = bool(training) and bn is not None and bn.trainable
+    if bn is not None:
+        variables = (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)
+    else:
+        variables = (None, None, None, None)
+    result = conv_bn_add_act(
+        x,
+        conv.kernel,
+        *variables,
+        residual,
+        bias=conv.bias if conv.use_bias else None,
+        strides=conv.strides,
+        padding=conv.padding,
+        dilation_rate=conv.dilation_rate,
+        activation=activation,
+        epsilon=bn.epsilon if bn is not None else 1e-5,
+        training=train_bn,
+        data_format=data_format,
+        synchronized=synchronized,
+        implementation=implementation,
+    )
+    if not train_bn:
+        return result
+    outputs, mean, variance = result
+    momentum = bn.momentum
+    moving_mean = ops.cast(bn.moving_mean, "float32")
+    moving_variance = ops.cast(bn.moving_variance, "float32")
+    bn.moving_mean.assign(moving_mean * momentum + ops.cast(mean, "float32") * (1.0 - momentum))
+    bn.moving_variance.assign(
+        moving_variance * momentum + ops.cast(variance, "float32") * (1.0 - momentum)
+    )
+    return outputs
+
+
 class BaseResidualBlock(keras.layers.Layer):
     """Base class of the residual blocks; not meant to be used directly.
 
@@ -91,6 +161,8 @@ class BaseResidualBlock(keras.layers.Layer):
         seed=None,
         data_format=None,
         synchronized=False,
+        implementation="auto",
+        folded=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -109,6 +181,8 @@ class BaseResidualBlock(keras.layers.Layer):
         self.seed = check.optional_int(seed, "seed")
         self.data_format = check.data_format(data_format)
         self.synchronized = bool(synchronized)
+        self.implementation = check_implementation(implementation, self.activation)
+        self.folded = bool(folded)
 
         # On TensorFlow, channels_first is computed in NHWC between two
         # transposes; the sublayers then work channels_last.
@@ -126,7 +200,9 @@ class BaseResidualBlock(keras.layers.Layer):
             setattr(
                 self,
                 f"bn{index}",
-                self._make_bn(f"_{index}_bn", zero_gamma=last and self.zero_init_residual),
+                None
+                if self.folded
+                else self._make_bn(f"_{index}_bn", zero_gamma=last and self.zero_init_residual),
             )
         self._num_units = len(specs)
 
@@ -168,7 +244,8 @@ class BaseResidualBlock(keras.layers.Layer):
             strides=strides,
             padding="same",
             data_format=self._layout.inner,
-            use_bias=self.use_bias,
+            # A folded block carries each BatchNormalization in its conv bias.
+            use_bias=self.use_bias or self.folded,
             kernel_initializer=self.kernel_initializer,
             kernel_regularizer=self.kernel_regularizer,
             name=f"{self.name}{suffix}",
@@ -215,12 +292,14 @@ class BaseResidualBlock(keras.layers.Layer):
         for conv, bn in self._units():
             conv.build(branch_shape)
             branch_shape = conv.compute_output_shape(branch_shape)
-            bn.build(branch_shape)
+            if bn is not None:
+                bn.build(branch_shape)
         if self._needs_projection(in_channels):
             self.shortcut_conv = self._make_conv(self.output_channels, 1, self.strides, "_0_conv")
-            self.shortcut_bn = self._make_bn("_0_bn")
             self.shortcut_conv.build(shape)
-            self.shortcut_bn.build(self.shortcut_conv.compute_output_shape(shape))
+            if not self.folded:
+                self.shortcut_bn = self._make_bn("_0_bn")
+                self.shortcut_bn.build(self.shortcut_conv.compute_output_shape(shape))
         if self.drop_path is not None:
             self.drop_path.build(branch_shape)
         channel_axis = -1 if self.data_format == "channels_last" else 1
@@ -242,21 +321,39 @@ class BaseResidualBlock(keras.layers.Layer):
 
     # -- forward --------------------------------------------------------------
 
+    def conv_bn_pairs(self):
+        """The (conv, BN) pairs of the block; BN is `None` when folded."""
+        pairs = self._units()
+        if self.shortcut_conv is not None:
+            pairs.append((self.shortcut_conv, self.shortcut_bn))
+        return pairs
+
     def call(self, inputs, training=None):
         x = self._layout.to_inner(ops.cast(inputs, self.compute_dtype))
+        unit = functools.partial(
+            run_unit,
+            training=training,
+            implementation=self.implementation,
+            synchronized=self.synchronized,
+            data_format=self._layout.inner,
+        )
         shortcut = x
         if self.shortcut_conv is not None:
-            shortcut = self.shortcut_bn(self.shortcut_conv(x), training=training)
+            shortcut = unit(self.shortcut_conv, self.shortcut_bn, x, activation="linear")
         units = self._units()
-        for index, (conv, bn) in enumerate(units, 1):
-            x = bn(conv(x), training=training)
-            if index < len(units):
-                x = self._activation_fn(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x, training=training)
-        # Both branches are in the compute dtype, so under mixed precision
-        # the add runs in float16/bfloat16 like the rest of the block.
-        return self._layout.to_outer(self._activation_fn(ops.add(x, shortcut)))
+        for conv, bn in units[:-1]:
+            x = unit(conv, bn, x, activation=self.activation)
+        conv, bn = units[-1]
+        if self.drop_path is not None and training:
+            # Stochastic depth drops the branch before the add, so the add
+            # and the activation cannot join the last unit.
+            x = self.drop_path(unit(conv, bn, x, activation="linear"), training=training)
+            outputs = self._activation_fn(ops.add(x, shortcut))
+        else:
+            # Both branches are in the compute dtype, so under mixed precision
+            # the add runs in float16/bfloat16 like the rest of the block.
+            outputs = unit(conv, bn, x, residual=shortcut, activation=self.activation)
+        return self._layout.to_outer(outputs)
 
     # -- config ---------------------------------------------------------------
 
@@ -281,6 +378,8 @@ class BaseResidualBlock(keras.layers.Layer):
                 "seed": self.seed,
                 "data_format": self.data_format,
                 "synchronized": self.synchronized,
+                "implementation": self.implementation,
+                "folded": self.folded,
             }
         )
         return config

@@ -34,7 +34,8 @@ class BottleneckBlock(BaseResidualBlock):
         **kwargs: every other argument of `ResidualBlock` (`activation`,
             `shortcut`, `use_bias`, `momentum`, `epsilon`,
             `kernel_initializer`, `kernel_regularizer`, `zero_init_residual`,
-            `drop_path_rate`, `seed`, `data_format`, `synchronized`), with the same
+            `drop_path_rate`, `seed`, `data_format`, `synchronized`, `implementation`,
+            `folded`), with the same
             defaults, and the base layer arguments.
 
     Input shape:

@@ -58,6 +58,18 @@ class ResidualBlock(BaseResidualBlock):
             JAX, `keras.distribution` computes global statistics either way;
             on torch it has no effect (each DDP process uses its own batch)
             and warns. Defaults to `False`.
+        implementation: `"auto"`, `"native"` or `"composite"`. How each
+            conv -> BN (-> add) -> activation unit runs, through
+            `keras_residual.ops.conv_bn_add_act`: `"auto"` follows
+            `keras_residual.config.get_implementation()` (native kernels
+            where the backend and device have them, `keras.ops` elsewhere);
+            `"native"` raises if they cannot run; `"composite"` is
+            `keras.ops` only. Saved in the config; files never need the
+            native library. Defaults to `"auto"`.
+        folded: bool. An inference block whose BatchNormalizations are
+            folded into the conv kernels and biases: no BN layers, conv
+            biases. Made by `keras_residual.fold_batchnorm`.
+            Defaults to `False`.
         **kwargs: base layer arguments, such as `name`, `dtype` and
             `trainable`.
 

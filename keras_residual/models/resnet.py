@@ -26,7 +26,7 @@ from keras import ops
 from keras_residual import _validation as check
 from keras_residual._layout import Layout
 from keras_residual.layers import BottleneckBlock, ResidualBlock
-from keras_residual.layers._base import batch_normalization
+from keras_residual.layers._base import batch_normalization, check_implementation, run_unit
 from keras_residual.models import weights as weights_lib
 
 BLOCK_TYPES = {"basic": ResidualBlock, "bottleneck": BottleneckBlock}
@@ -87,6 +87,12 @@ class ResNet(keras.Model):
         synchronized: bool. Synchronized BatchNormalization statistics in
             data-parallel training, as for `ResidualBlock`.
             Defaults to `False`.
+        implementation: `"auto"`, `"native"` or `"composite"`: how the stem
+            and every block run their conv -> BN (-> add) -> activation units,
+            as for `ResidualBlock`. Defaults to `"auto"`.
+        folded: bool. An inference model with every BatchNormalization
+            folded into its conv, as `keras_residual.fold_batchnorm` makes.
+            Defaults to `False`.
         name: str. Name of the model. Defaults to `"resnet"`.
         **kwargs: base model arguments, such as `dtype` and `trainable`.
 
@@ -119,6 +125,8 @@ class ResNet(keras.Model):
         seed=None,
         data_format=None,
         synchronized=False,
+        implementation="auto",
+        folded=False,
         name="resnet",
         **kwargs,
     ):
@@ -149,6 +157,8 @@ class ResNet(keras.Model):
         self.seed = check.optional_int(seed, "seed")
         self.data_format = check.data_format(data_format)
         self.synchronized = bool(synchronized)
+        self.implementation = check_implementation(implementation, self.activation)
+        self.folded = bool(folded)
         self.image_shape = _image_shape(input_shape, self.data_format)
         weights_lib.check_weights_argument(weights, self)
 
@@ -165,21 +175,23 @@ class ResNet(keras.Model):
             64,
             7,
             strides=2,
-            use_bias=self.use_bias,
+            use_bias=self.use_bias or self.folded,
             data_format=inner,
             kernel_initializer=self.kernel_initializer,
             kernel_regularizer=self.kernel_regularizer,
             name="conv1_conv",
             dtype=dtype,
         )
-        self.conv1_bn = batch_normalization(
-            axis=self._layout.channel_axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            synchronized=self.synchronized,
-            name="conv1_bn",
-            dtype=dtype,
-        )
+        self.conv1_bn = None
+        if not self.folded:
+            self.conv1_bn = batch_normalization(
+                axis=self._layout.channel_axis,
+                momentum=self.momentum,
+                epsilon=self.epsilon,
+                synchronized=self.synchronized,
+                name="conv1_bn",
+                dtype=dtype,
+            )
         self.pool1_pad = keras.layers.ZeroPadding2D(
             1, data_format=inner, name="pool1_pad", dtype=dtype
         )
@@ -198,6 +210,8 @@ class ResNet(keras.Model):
             "zero_init_residual": self.zero_init_residual,
             "data_format": inner,
             "synchronized": self.synchronized,
+            "implementation": self.implementation,
+            "folded": self.folded,
             "dtype": dtype,
         }
         if block_cls is BottleneckBlock:
@@ -249,13 +263,12 @@ class ResNet(keras.Model):
     # -- structure ------------------------------------------------------------
 
     def _stem(self):
-        return [
-            self.conv1_pad,
-            self.conv1_conv,
-            self.conv1_bn,
-            self.pool1_pad,
-            self.pool1_pool,
-        ]
+        layers = [self.conv1_pad, self.conv1_conv, self.conv1_bn, self.pool1_pad, self.pool1_pool]
+        return [layer for layer in layers if layer is not None]
+
+    def conv_bn_pairs(self):
+        """The stem's (conv, BN) pair; BN is `None` when folded."""
+        return [(self.conv1_conv, self.conv1_bn)]
 
     def _head(self):
         return [layer for layer in (self.avg_pool, self.max_pool, self.predictions) if layer]
@@ -276,8 +289,16 @@ class ResNet(keras.Model):
 
     def call(self, inputs, training=None):
         x = self._layout.to_inner(ops.cast(inputs, self.compute_dtype))
-        x = self.conv1_conv(self.conv1_pad(x))
-        x = self._activation_fn(self.conv1_bn(x, training=training))
+        x = run_unit(
+            self.conv1_conv,
+            self.conv1_bn,
+            self.conv1_pad(x),
+            activation=self.activation,
+            training=training,
+            implementation=self.implementation,
+            synchronized=self.synchronized,
+            data_format=self._layout.inner,
+        )
         x = self.pool1_pool(self.pool1_pad(x))
         for block in self.blocks:
             x = block(x, training=training)
@@ -329,6 +350,8 @@ class ResNet(keras.Model):
             "seed": self.seed,
             "data_format": self.data_format,
             "synchronized": self.synchronized,
+            "implementation": self.implementation,
+            "folded": self.folded,
         }
 
     @classmethod

@@ -1,0 +1,385 @@
+"""``conv_bn_add_act``: the one op under every conv -> BN (-> add) -> act unit."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_residual import config
+from keras_residual import native as native_lib
+from keras_residual._validation import data_format as check_data_format
+from keras_residual.native._build import NativeUnavailable
+
+# Activation name -> code of keras_residual::Activation in csrc/include.
+NATIVE_ACTIVATIONS = {
+    "linear": 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "relu6": 3,
+    "silu": 4,
+    "swish": 4,
+    "gelu": 5,
+}
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+PADDINGS = ("same", "valid")
+
+
+def conv_bn_add_act(
+    inputs,
+    kernel,
+    gamma,
+    beta,
+    moving_mean,
+    moving_variance,
+    residual=None,
+    *,
+    bias=None,
+    strides=1,
+    padding="same",
+    dilation_rate=1,
+    activation="relu",
+    negative_slope=0.2,
+    epsilon=1e-5,
+    training=False,
+    data_format=None,
+    synchronized=False,
+    implementation="auto",
+):
+    """`act(BN(conv(inputs, kernel) + bias) + residual)`, fused where possible.
+
+    The convolution is the framework's own (`keras.ops.conv`); what follows
+    it, the BatchNormalization, the residual add and the activation, runs
+    either as `keras.ops` (the composite path, the reference) or as the
+    native kernels of `csrc/` (two passes over memory forward, two backward).
+
+    With `gamma`, `beta`, `moving_mean` and `moving_variance` all `None` there
+    is no BatchNormalization: `act(conv(inputs) + bias + residual)`, the
+    inference epilogue of a folded model.
+
+    Args:
+        inputs: 4D tensor, `(batch, height, width, channels)` for
+            channels_last, `(batch, channels, height, width)` otherwise.
+        kernel: conv kernel `(kh, kw, in_channels, filters)`, Keras' layout.
+        gamma, beta, moving_mean, moving_variance: 1D, `filters` values each:
+            the BatchNormalization's variables, or all `None` for no BN.
+        residual: `None` or a tensor of the output's shape, added before the
+            activation.
+        bias: `None` or the conv bias, `filters` values.
+        strides, padding, dilation_rate: as `keras.ops.conv`.
+        activation: `"relu"`, `"leaky_relu"`, `"relu6"`, `"silu"`/`"swish"`,
+            `"gelu"` or `"linear"` (all native), or the name of any other Keras
+            activation (composite only). Defaults to `"relu"`.
+        negative_slope: float. Slope of `"leaky_relu"`. Defaults to `0.2`
+            (`keras.activations.leaky_relu`'s).
+        epsilon: float. BatchNormalization epsilon. Defaults to `1e-5`.
+        training: bool. With `True` the batch statistics normalize and are
+            returned, so the caller updates its moving statistics exactly as
+            `keras.layers.BatchNormalization` does; with `False` the moving
+            statistics normalize. Defaults to `False`.
+        data_format: `"channels_last"`, `"channels_first"` or `None` for
+            `keras.config.image_data_format()`.
+        synchronized: bool. Batch statistics over all replicas of a
+            `tf.distribute` strategy (TensorFlow only; composite path).
+            Defaults to `False`.
+        implementation: `"auto"`, `"native"` or `"composite"`. `"auto"` follows
+            `keras_residual.config.get_implementation()`, which by default
+            means native where the active backend has an adapter and the
+            device and call fit it, composite elsewhere (with one warning if
+            the adapter fails to build). `"native"` raises `NativeUnavailable`
+            with the reason if it cannot run. A global setting of
+            `"composite"` (`KERAS_RESIDUAL_IMPLEMENTATION=composite`) turns
+            the native path off everywhere. Defaults to `"auto"`.
+
+    Returns:
+        `outputs` with `training=False`; `(outputs, batch_mean,
+        batch_variance)` with `training=True`, the statistics in float32 (the
+        variance divided by the count, as Keras' BatchNormalization).
+
+    Raises:
+        ValueError: for bad ranks, channel counts, shapes or dtypes, before
+            any kernel runs.
+        NativeUnavailable: with `implementation="native"` when the native
+            kernels cannot run this call; the message says why.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> x = np.random.rand(2, 8, 8, 4).astype("float32")
+    >>> kernel = np.random.rand(1, 1, 4, 6).astype("float32")
+    >>> ones, zeros = np.ones(6, "float32"), np.zeros(6, "float32")
+    >>> y = conv_bn_add_act(x, kernel, ones, zeros, zeros, ones,
+    ...                     implementation="composite")
+    >>> tuple(y.shape)
+    (2, 8, 8, 6)
+    """
+    data_format = check_data_format(data_format)
+    has_bn = _check_bn_arguments(gamma, beta, moving_mean, moving_variance)
+    if training and not has_bn:
+        raise ValueError(
+            "`training=True` needs the BatchNormalization variables; with `gamma`, `beta`, "
+            "`moving_mean` and `moving_variance` all None there are no statistics to "
+            f"compute. Received: training={training!r}"
+        )
+    config._check(implementation)
+    if padding not in PADDINGS:
+        raise ValueError(f"`padding` must be 'same' or 'valid'. Received: padding={padding!r}")
+    activation_name = _activation_name(activation)
+    channel_axis = -1 if data_format == "channels_last" else 1
+    filters = _validate_shapes(
+        inputs, kernel, (gamma, beta, moving_mean, moving_variance), bias, channel_axis
+    )
+
+    x = ops.conv(
+        inputs,
+        kernel,
+        strides=strides,
+        padding=padding,
+        dilation_rate=dilation_rate,
+        data_format=data_format,
+    )
+    if residual is not None:
+        _validate_residual(residual, x)
+        residual = ops.cast(residual, x.dtype)
+
+    adapter = _native_adapter(
+        implementation, x, activation_name, synchronized and bool(training), data_format
+    )
+    if adapter is None:
+        return _composite(
+            x, gamma, beta, moving_mean, moving_variance, residual, bias, activation_name,
+            activation, negative_slope, epsilon, training, channel_axis, synchronized, filters,
+        )
+    return _native(
+        adapter, x, gamma, beta, moving_mean, moving_variance, residual, bias, activation_name,
+        negative_slope, epsilon, training, data_format == "channels_last",
+    )
+
+
+# -- validation -----------------------------------------------------------------
+
+
+def _check_bn_arguments(gamma, beta, moving_mean, moving_variance) -> bool:
+    given = [value is not None for value in (gamma, beta, moving_mean, moving_variance)]
+    if all(given):
+        return True
+    if not any(given):
+        return False
+    names = ("gamma", "beta", "moving_mean", "moving_variance")
+    missing = [name for name, present in zip(names, given, strict=True) if not present]
+    raise ValueError(
+        "`gamma`, `beta`, `moving_mean` and `moving_variance` must be given together, or "
+        f"all be None. Received: {', '.join(f'{name}=None' for name in missing)}"
+    )
+
+
+def _activation_name(activation):
+    if activation is None:
+        return "linear"
+    if isinstance(activation, str):
+        keras.activations.get(activation)  # raises a ValueError for unknown names
+        return activation
+    name = getattr(activation, "__name__", None)
+    if name in NATIVE_ACTIVATIONS and activation is keras.activations.get(name):
+        return name
+    if callable(activation):
+        return activation
+    raise ValueError(
+        "`activation` must be the name of a Keras activation, a callable or None. "
+        f"Received: activation={activation!r}"
+    )
+
+
+def _static_shape(tensor):
+    return tuple(None if dim is None else int(dim) for dim in tensor.shape)
+
+
+def _validate_shapes(inputs, kernel, bn_variables, bias, channel_axis):
+    for name, tensor, rank in (("inputs", inputs, 4), ("kernel", kernel, 4)):
+        shape = _static_shape(tensor)
+        if len(shape) != rank:
+            raise ValueError(f"`{name}` must be {rank}D. Received: {name}.shape={shape}")
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"`inputs` must be float16, bfloat16, float32 or float64. Received: "
+            f"inputs.dtype={dtype}"
+        )
+    in_channels = _static_shape(inputs)[channel_axis]
+    kh, kw, kernel_in, filters = _static_shape(kernel)
+    if in_channels is not None and kernel_in is not None and in_channels != kernel_in:
+        raise ValueError(
+            f"`kernel` expects {kernel_in} input channels but `inputs` has {in_channels}. "
+            f"Received: inputs.shape={_static_shape(inputs)}, kernel.shape={_static_shape(kernel)}"
+        )
+    names = ("gamma", "beta", "moving_mean", "moving_variance")
+    for name, value in (*zip(names, bn_variables, strict=True), ("bias", bias)):
+        if value is None:
+            continue
+        shape = _static_shape(value)
+        if len(shape) != 1 or (filters is not None and shape[0] not in (None, filters)):
+            raise ValueError(
+                f"`{name}` must have one value per output channel ({filters}). "
+                f"Received: {name}.shape={shape}"
+            )
+    return filters
+
+
+def _validate_residual(residual, x):
+    expected, shape = _static_shape(x), _static_shape(residual)
+    if len(shape) != 4 or any(
+        a is not None and b is not None and a != b for a, b in zip(shape, expected, strict=True)
+    ):
+        raise ValueError(
+            f"`residual` must have the shape of the conv output {expected}. "
+            f"Received: residual.shape={shape}"
+        )
+
+
+# -- dispatch -------------------------------------------------------------------
+
+
+def _native_adapter(implementation, x, activation_name, synchronized, data_format):
+    """The adapter module to run this call natively, or None for composite."""
+    requested = config.get_implementation() if implementation == "auto" else implementation
+    if config.get_implementation() == "composite":
+        return None
+    if requested == "composite":
+        return None
+    backend = keras.config.backend()
+    reason = _unsupported_reason(backend, x, activation_name, synchronized)
+    if reason is None:
+        try:
+            adapter = native_lib.adapter(backend)
+        except NativeUnavailable as error:
+            if requested == "native":
+                raise
+            if backend in native_lib.ADAPTERS:
+                native_lib.warn_unavailable(backend, str(error))
+            return None
+        reason = _device_reason(adapter, x)
+        if reason is None:
+            return adapter
+    if requested == "native":
+        raise NativeUnavailable(f"implementation='native' cannot run this call: {reason}")
+    return None
+
+
+def _unsupported_reason(backend, x, activation_name, synchronized):
+    if not isinstance(activation_name, str) or activation_name not in NATIVE_ACTIVATIONS:
+        return f"activation {activation_name!r} has no native kernel"
+    if synchronized:
+        return "synchronized batch statistics run on the composite path"
+    if backend not in native_lib.ADAPTERS:
+        return native_lib.NO_ADAPTER.get(backend, f"no native adapter for {backend}")
+    if backend == "torch" and str(getattr(x, "device", "")) == "meta":
+        return "symbolic (meta) tensors"
+    if isinstance(x, keras.KerasTensor):
+        return "symbolic tensors"
+    return None
+
+
+def _device_reason(adapter, x):
+    if keras.config.backend() == "tensorflow" and adapter.in_xla_context():
+        return "a TensorFlow custom op cannot run under XLA (jit_compile)"
+    device = getattr(x, "device", "")
+    if not adapter.supports(device):
+        return f"no native kernel for device {device!r} on {keras.config.backend()}"
+    return None
+
+
+# -- the two paths ----------------------------------------------------------------
+
+
+def _bias_shape(channel_axis, filters):
+    return (filters,) if channel_axis == -1 else (1, filters, 1, 1)
+
+
+def _composite(
+    x, gamma, beta, moving_mean, moving_variance, residual, bias, activation_name, activation,
+    negative_slope, epsilon, training, channel_axis, synchronized, filters,
+):
+    """keras.ops only, computed exactly as Conv2D + BatchNormalization do."""
+    if bias is not None:
+        x = ops.add(x, ops.reshape(ops.cast(bias, x.dtype), _bias_shape(channel_axis, filters)))
+    mean = variance = None
+    if gamma is not None:
+        out_dtype = x.dtype
+        # Keras' BatchNormalization computes in float32 for float16/bfloat16.
+        compute_dtype = keras.backend.result_type(x.dtype, "float32")
+        x = ops.cast(x, compute_dtype)
+        if training:
+            axes = [0, 1, 2] if channel_axis == -1 else [0, 2, 3]
+            mean, variance = ops.moments(x, axes=axes, synchronized=synchronized)
+            norm_mean, norm_variance = mean, variance
+        else:
+            norm_mean = ops.cast(moving_mean, compute_dtype)
+            norm_variance = ops.cast(moving_variance, compute_dtype)
+        x = ops.batch_normalization(
+            x,
+            norm_mean,
+            norm_variance,
+            axis=channel_axis,
+            offset=ops.cast(beta, compute_dtype),
+            scale=ops.cast(gamma, compute_dtype),
+            epsilon=epsilon,
+        )
+        x = ops.cast(x, out_dtype)
+    if residual is not None:
+        x = ops.add(x, residual)
+    x = _apply_activation(x, activation_name, activation, negative_slope)
+    if training:
+        return x, mean, variance
+    return x
+
+
+def _apply_activation(x, activation_name, activation, negative_slope):
+    if activation_name == "leaky_relu":
+        return keras.activations.leaky_relu(x, negative_slope=negative_slope)
+    if isinstance(activation_name, str):
+        return keras.activations.get(activation_name)(x)
+    return activation(x)
+
+
+def _native(
+    adapter, x, gamma, beta, moving_mean, moving_variance, residual, bias, activation_name,
+    negative_slope, epsilon, training, channels_last,
+):
+    code = NATIVE_ACTIVATIONS[activation_name]
+    alpha = float(negative_slope)
+    param_dtype = "float64" if keras.backend.standardize_dtype(x.dtype) == "float64" else "float32"
+    if training:
+        # The conv bias shifts the batch mean and cancels in the normalization,
+        # so the kernels normalize conv(x) and the bias joins the mean only.
+        # Its gradient is exactly zero; `bias * 0` in beta says so to the
+        # framework (as Keras' own layers do, it then gets a gradient).
+        beta = ops.cast(beta, param_dtype)
+        if bias is not None:
+            beta = beta + ops.cast(bias, param_dtype) * 0.0
+        outputs, mean, variance = adapter.bn_add_act_train(
+            x,
+            ops.cast(gamma, param_dtype),
+            beta,
+            residual,
+            epsilon=float(epsilon),
+            activation=code,
+            alpha=alpha,
+            channels_last=channels_last,
+        )
+        if bias is not None:
+            mean = ops.add(mean, ops.cast(bias, mean.dtype))
+        return outputs, mean, variance
+    scale = None
+    if gamma is not None:
+        scale = ops.cast(gamma, param_dtype) * ops.rsqrt(
+            ops.cast(moving_variance, param_dtype) + epsilon
+        )
+        shift = ops.cast(beta, param_dtype) - ops.cast(moving_mean, param_dtype) * scale
+        if bias is not None:
+            shift = shift + ops.cast(bias, param_dtype) * scale
+    elif bias is not None:
+        shift = ops.cast(bias, param_dtype)
+    else:
+        shift = ops.zeros((x.shape[-1 if channels_last else 1],), param_dtype)
+    return adapter.scale_shift_add_act(
+        x, scale, shift, residual, activation=code, alpha=alpha, channels_last=channels_last
+    )
