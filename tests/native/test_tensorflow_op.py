@@ -496,6 +496,27 @@ def test_in_xla_context():
     assert tfop.in_xla_context() is False
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="Keras' train step is a tf.function on TensorFlow",
+)
+@pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "no_xla"])
+def test_in_xla_context_in_keras_train_step(jit_compile):
+    keras.utils.clear_session()
+    seen = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            seen.append(tfop.in_xla_context())
+            return x * 2.0
+
+    model = keras.Sequential([keras.Input((3,)), Probe(), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
+    seen.clear()  # drop the symbolic call made while building the model
+    model.fit(np.ones((4, 3)), np.ones((4, 1)), epochs=1, verbose=0)
+    assert seen == [jit_compile]
+
+
 def test_supports_cpu_only():
     assert tfop.supports("/job:localhost/replica:0/task:0/device:CPU:0")
     assert not tfop.supports("/job:localhost/replica:0/task:0/device:GPU:0")
