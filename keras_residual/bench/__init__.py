@@ -439,6 +439,8 @@ def _add_ratios(records):
         group = [record for record in records if record["mode"] == mode]
         speed = {record["implementation"]: record["images_per_second"] for record in group}
         for record in group:
+            record.setdefault("ratio_vs_keras_applications", None)
+            record.setdefault("ratio_vs_limit", None)
             for key, label in (
                 ("ratio_vs_keras_applications", "keras.applications"),
                 ("ratio_vs_limit", "limit"),

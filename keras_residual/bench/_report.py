@@ -113,8 +113,8 @@ def chart(results: dict, path: str) -> None:
                     continue
                 positions.append(position)
                 heights.append(record["images_per_second"])
-                lows.append(record["images_per_second"] - record["spread"]["min"])
-                highs.append(record["spread"]["max"] - record["images_per_second"])
+                lows.append(max(record["images_per_second"] - record["spread"]["min"], 0.0))
+                highs.append(max(record["spread"]["max"] - record["images_per_second"], 0.0))
         if positions:
             axes.bar(
                 positions,
