@@ -235,467 +235,258 @@ void parallel_for(int64_t tasks, int nt, const F& f) {
 // compiler can keep in vector registers without reassociating.
 constexpr int kLanes = 8;
 
-// ------------------------------------------------------------ batch_stats --
+// ------------------------------------------------------------------ tiles --
+//
+// The dtype-specific work (conversions, pointer arithmetic, threads) is kept
+// apart from the arithmetic: the arithmetic runs on tiles of at most kTile
+// values of the parameter type P, with per-value parameter and accumulator
+// arrays indexed like the values. Tile functions are instantiated once per
+// (P, activation, residual) and reached through a function pointer, so the
+// float16 and bfloat16 paths reuse the float32 arithmetic: their tiles are
+// converted into stack buffers first. float32 and float64 tiles point straight
+// into the tensors.
 
-template <class T>
-void batch_stats_impl(const void* x_, Shape s, void* mean_, void* var_) {
-  using S = typename T::S;
-  using P = typename T::P;
-  const S* KR_RESTRICT x = static_cast<const S*>(x_);
-  P* mean = static_cast<P*>(mean_);
-  P* var = static_cast<P*>(var_);
-  const int64_t c = s.c, hw = s.hw, m = s.m();
-  if (c == 0) return;
-  if (m == 0) {
-    for (int64_t j = 0; j < c; ++j) {
-      mean[j] = std::numeric_limits<P>::quiet_NaN();
-      var[j] = std::numeric_limits<P>::quiet_NaN();
-    }
-    return;
-  }
-  // Per-channel shift: the channel's first value.
-  std::vector<double> shift(c);
-  std::vector<double> sum(c, 0.0), sumsq(c, 0.0);
-  if (s.channels_last) {
-    for (int64_t j = 0; j < c; ++j) shift[j] = double(T::load(x[j]));
-    const int nt = plan_threads(m, c);
-    std::vector<double> part(size_t(nt) * 2 * c, 0.0);
-    parallel_for(m, nt, [&](int64_t r0, int64_t r1, int t) {
-      double* KR_RESTRICT ps = part.data() + size_t(t) * 2 * c;
-      double* KR_RESTRICT pq = ps + c;
-      const double* KR_RESTRICT k = shift.data();
-      for (int64_t r = r0; r < r1; ++r) {
-        const S* KR_RESTRICT row = x + r * c;
-        for (int64_t j = 0; j < c; ++j) {
-          const double d = double(T::load(row[j])) - k[j];
-          ps[j] += d;
-          pq[j] += d * d;
-        }
-      }
-    });
-    for (int t = 0; t < nt; ++t) {
-      const double* ps = part.data() + size_t(t) * 2 * c;
-      for (int64_t j = 0; j < c; ++j) {
-        sum[j] += ps[j];
-        sumsq[j] += ps[c + j];
-      }
-    }
-  } else {
-    for (int64_t j = 0; j < c; ++j) shift[j] = double(T::load(x[j * hw]));
-    const int64_t planes = s.n * c;
-    const int nt = plan_threads(planes, hw);
-    std::vector<double> part(size_t(planes) * 2);
-    parallel_for(planes, nt, [&](int64_t p0, int64_t p1, int) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const S* KR_RESTRICT plane = x + p * hw;
-        const double k = shift[p % c];
-        double ls[kLanes] = {}, lq[kLanes] = {};
-        int64_t i = 0;
-        for (; i + kLanes <= hw; i += kLanes) {
-          for (int l = 0; l < kLanes; ++l) {
-            const double d = double(T::load(plane[i + l])) - k;
-            ls[l] += d;
-            lq[l] += d * d;
-          }
-        }
-        for (; i < hw; ++i) {
-          const double d = double(T::load(plane[i])) - k;
-          ls[0] += d;
-          lq[0] += d * d;
-        }
-        double a = 0.0, b = 0.0;
-        for (int l = 0; l < kLanes; ++l) {
-          a += ls[l];
-          b += lq[l];
-        }
-        part[2 * p] = a;
-        part[2 * p + 1] = b;
-      }
-    });
-    for (int64_t p = 0; p < planes; ++p) {
-      sum[p % c] += part[2 * p];
-      sumsq[p % c] += part[2 * p + 1];
-    }
-  }
-  const double inv_m = 1.0 / double(m);
-  for (int64_t j = 0; j < c; ++j) {
-    const double d = sum[j] * inv_m;
-    const double v = sumsq[j] * inv_m - d * d;
-    mean[j] = P(shift[j] + d);
-    var[j] = P(v > 0.0 ? v : 0.0);
-  }
-}
+constexpr int64_t kTile = 1024;
 
-// ---------------------------------------------------- scale_shift_add_act --
-
-// Per-channel parameter array, with nullptr replaced by `fill`.
-template <class P>
-const P* param_or(const void* p, int64_t c, P fill, std::vector<P>& storage) {
-  if (p != nullptr) return static_cast<const P*>(p);
-  storage.assign(size_t(c), fill);
-  return storage.data();
-}
-
-template <class T, Activation A, bool kRes>
-void scale_shift_add_act_impl(const void* x_, const void* r_, Shape s, const void* scale_,
-                              const void* shift_, double alpha_d, void* y_) {
-  using S = typename T::S;
-  using P = typename T::P;
+// Cuts a tensor into tiles and hands each tile, with its parameter and
+// accumulator arrays, to `tile`:
+//   tile(int64_t offset, int64_t len, const P* const* params, double* const* acc, P* scratch)
+// `params` are NP per-channel arrays of length c; `totals` are NA per-channel
+// arrays of length c that receive, per channel, the sums of the accumulators.
+//   NHWC, c <= kTile: tiles of whole rows; parameters replicated across the
+//     rows of a tile; per-thread accumulators folded per channel at the end.
+//   NHWC, c > kTile: tiles are segments of a row.
+//   NCHW: tiles are segments of a plane; parameters broadcast per plane;
+//     accumulators folded per plane.
+template <class P, int NP, int NA, class Tile>
+void for_each_tile(Shape s, const P* const* params, double* const* totals,
+                   const Tile& tile) {
   const int64_t c = s.c, hw = s.hw, m = s.m();
   if (s.size() == 0) return;
-  std::vector<P> ones, zeros;
-  const P* KR_RESTRICT scale = param_or<P>(scale_, c, P(1), ones);
-  const P* KR_RESTRICT shift = param_or<P>(shift_, c, P(0), zeros);
-  const S* KR_RESTRICT x = static_cast<const S*>(x_);
-  const S* KR_RESTRICT r = static_cast<const S*>(r_);
-  S* KR_RESTRICT y = static_cast<S*>(y_);
-  const P alpha = P(alpha_d);
-  if (s.channels_last) {
-    parallel_for(m, plan_threads(m, c), [&](int64_t r0, int64_t r1, int) {
-      for (int64_t row = r0; row < r1; ++row) {
-        const S* KR_RESTRICT xr = x + row * c;
-        const S* KR_RESTRICT rr = kRes ? r + row * c : nullptr;
-        S* KR_RESTRICT yr = y + row * c;
-        for (int64_t j = 0; j < c; ++j) {
-          P z = T::load(xr[j]) * scale[j] + shift[j];
-          if constexpr (kRes) z += T::load(rr[j]);
-          yr[j] = T::store(act_forward<A, P>(z, alpha));
-        }
-      }
-    });
-  } else {
-    const int64_t planes = s.n * c;
-    parallel_for(planes, plan_threads(planes, hw), [&](int64_t p0, int64_t p1, int) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const P a = scale[p % c], b = shift[p % c];
-        const S* KR_RESTRICT xp = x + p * hw;
-        const S* KR_RESTRICT rp = kRes ? r + p * hw : nullptr;
-        S* KR_RESTRICT yp = y + p * hw;
-        for (int64_t i = 0; i < hw; ++i) {
-          P z = T::load(xp[i]) * a + b;
-          if constexpr (kRes) z += T::load(rp[i]);
-          yp[i] = T::store(act_forward<A, P>(z, alpha));
-        }
-      }
-    });
-  }
-}
-
-// ------------------------------------------- scale_shift_add_act_backward --
-
-template <class T, Activation A, bool kRes>
-void scale_shift_add_act_backward_impl(const void* dy_, const void* x_, const void* r_, Shape s,
-                                       const void* scale_, const void* shift_, double alpha_d,
-                                       void* dx_, void* dr_, void* dscale_, void* dshift_) {
-  using S = typename T::S;
-  using P = typename T::P;
-  const int64_t c = s.c, hw = s.hw, m = s.m();
-  if (c == 0) return;
-  std::vector<P> ones, zeros;
-  const P* KR_RESTRICT scale = param_or<P>(scale_, c, P(1), ones);
-  const P* KR_RESTRICT shift = param_or<P>(shift_, c, P(0), zeros);
-  const S* KR_RESTRICT dy = static_cast<const S*>(dy_);
-  const S* KR_RESTRICT x = static_cast<const S*>(x_);
-  const S* KR_RESTRICT r = static_cast<const S*>(r_);
-  S* KR_RESTRICT dx = static_cast<S*>(dx_);
-  S* KR_RESTRICT dr = static_cast<S*>(dr_);
-  P* dscale = static_cast<P*>(dscale_);
-  P* dshift = static_cast<P*>(dshift_);
-  const P alpha = P(alpha_d);
-  std::vector<double> sum_gx(c, 0.0), sum_g(c, 0.0);
-
-  if (s.channels_last) {
+  constexpr int kNA = NA > 0 ? NA : 1;
+  constexpr int kNP = NP > 0 ? NP : 1;
+  if (s.channels_last && c <= kTile) {
+    const int64_t rows_per_tile = kTile / c;
+    const int64_t width = rows_per_tile * c;
+    std::vector<P> rep(size_t(kNP) * width);
+    const P* prm[kNP] = {};
+    for (int k = 0; k < NP; ++k) {
+      P* dst = rep.data() + size_t(k) * width;
+      for (int64_t i = 0; i < width; ++i) dst[i] = params[k][i % c];
+      prm[k] = dst;
+    }
     const int nt = plan_threads(m, c);
-    std::vector<double> part(size_t(nt) * 2 * c, 0.0);
+    std::vector<double> part(size_t(nt) * kNA * c, 0.0);
     parallel_for(m, nt, [&](int64_t r0, int64_t r1, int t) {
-      double* KR_RESTRICT pgx = part.data() + size_t(t) * 2 * c;
-      double* KR_RESTRICT pg = pgx + c;
-      auto body = [&](auto want_dr) {
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t o = row * c;
-          const S* KR_RESTRICT dyr = dy + o;
-          const S* KR_RESTRICT xr = x + o;
-          const S* KR_RESTRICT rr = kRes ? r + o : nullptr;
-          S* KR_RESTRICT dxr = dx + o;
-          S* KR_RESTRICT drr = decltype(want_dr)::value ? dr + o : nullptr;
-          for (int64_t j = 0; j < c; ++j) {
-            const P xv = T::load(xr[j]);
-            P z = xv * scale[j] + shift[j];
-            if constexpr (kRes) z += T::load(rr[j]);
-            const P g = act_backward<A, P>(T::load(dyr[j]), z, alpha);
-            dxr[j] = T::store(g * scale[j]);
-            if constexpr (decltype(want_dr)::value) drr[j] = T::store(g);
-            pgx[j] += double(g * xv);
-            pg[j] += double(g);
-          }
-        }
-      };
-      if (dr != nullptr) {
-        body(std::true_type{});
-      } else {
-        body(std::false_type{});
+      std::vector<double> accv(static_cast<size_t>(kNA) * width, 0.0);
+      double* acc[kNA] = {};
+      for (int k = 0; k < NA; ++k) acc[k] = accv.data() + size_t(k) * width;
+      alignas(64) P scratch[kTile];
+      for (int64_t r = r0; r < r1; r += rows_per_tile) {
+        const int64_t rows = std::min(rows_per_tile, r1 - r);
+        tile(r * c, rows * c, prm, acc, scratch);
+      }
+      for (int k = 0; k < NA; ++k) {
+        double* out = part.data() + (size_t(t) * kNA + k) * c;
+        for (int64_t i = 0; i < width; ++i) out[i % c] += acc[k][i];
       }
     });
-    for (int t = 0; t < nt; ++t) {
-      const double* p = part.data() + size_t(t) * 2 * c;
-      for (int64_t j = 0; j < c; ++j) {
-        sum_gx[j] += p[j];
-        sum_g[j] += p[c + j];
-      }
-    }
-  } else {
-    const int64_t planes = s.n * c;
-    std::vector<double> part(size_t(planes) * 2);
-    parallel_for(planes, plan_threads(planes, hw), [&](int64_t p0, int64_t p1, int) {
-      auto body = [&](auto want_dr) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const P a = scale[p % c], b = shift[p % c];
-          const int64_t o = p * hw;
-          const S* KR_RESTRICT dyp = dy + o;
-          const S* KR_RESTRICT xp = x + o;
-          const S* KR_RESTRICT rp = kRes ? r + o : nullptr;
-          S* KR_RESTRICT dxp = dx + o;
-          S* KR_RESTRICT drp = decltype(want_dr)::value ? dr + o : nullptr;
-          double lgx[kLanes] = {}, lg[kLanes] = {};
-          auto one = [&](int64_t i, int l) {
-            const P xv = T::load(xp[i]);
-            P z = xv * a + b;
-            if constexpr (kRes) z += T::load(rp[i]);
-            const P g = act_backward<A, P>(T::load(dyp[i]), z, alpha);
-            dxp[i] = T::store(g * a);
-            if constexpr (decltype(want_dr)::value) drp[i] = T::store(g);
-            lgx[l] += double(g * xv);
-            lg[l] += double(g);
-          };
-          int64_t i = 0;
-          for (; i + kLanes <= hw; i += kLanes) {
-            for (int l = 0; l < kLanes; ++l) one(i + l, l);
-          }
-          for (; i < hw; ++i) one(i, 0);
-          double sgx = 0.0, sg = 0.0;
-          for (int l = 0; l < kLanes; ++l) {
-            sgx += lgx[l];
-            sg += lg[l];
-          }
-          part[2 * p] = sgx;
-          part[2 * p + 1] = sg;
-        }
-      };
-      if (dr != nullptr) {
-        body(std::true_type{});
-      } else {
-        body(std::false_type{});
-      }
-    });
-    for (int64_t p = 0; p < planes; ++p) {
-      sum_gx[p % c] += part[2 * p];
-      sum_g[p % c] += part[2 * p + 1];
-    }
-  }
-  for (int64_t j = 0; j < c; ++j) {
-    if (dscale != nullptr) dscale[j] = P(sum_gx[j]);
-    dshift[j] = P(sum_g[j]);
-  }
-}
-
-// -------------------------------------------- batch_norm_add_act_backward --
-
-// Pass 2 of batch_norm_add_act_backward: dx = sc * g + k * (x - mean) + b0,
-// with g read from g_in, or from dx itself when g_in is nullptr.
-template <class T>
-void batch_norm_backward_pass2(const typename T::S* x, const typename T::S* g_in,
-                               typename T::S* out, Shape s, const typename T::P* sc,
-                               const typename T::P* ka, const typename T::P* kb,
-                               const typename T::P* mu) {
-  using S = typename T::S;
-  using P = typename T::P;
-  const int64_t c = s.c, hw = s.hw, m = s.m();
-  auto run = [&](auto in_place) {
-    constexpr bool kInPlace = decltype(in_place)::value;
-    if (s.channels_last) {
-      parallel_for(m, plan_threads(m, c), [&](int64_t r0, int64_t r1, int) {
-        const P* KR_RESTRICT a = sc;
-        const P* KR_RESTRICT k = ka;
-        const P* KR_RESTRICT b0 = kb;
-        const P* KR_RESTRICT mm = mu;
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t o = row * c;
-          const S* KR_RESTRICT xr = x + o;
-          S* KR_RESTRICT outr = out + o;
-          const S* KR_RESTRICT gr = kInPlace ? nullptr : g_in + o;
-          for (int64_t j = 0; j < c; ++j) {
-            const P g = T::load(kInPlace ? outr[j] : gr[j]);
-            outr[j] = T::store(a[j] * g + k[j] * (T::load(xr[j]) - mm[j]) + b0[j]);
-          }
-        }
-      });
-    } else {
-      const int64_t planes = s.n * c;
-      parallel_for(planes, plan_threads(planes, hw), [&](int64_t p0, int64_t p1, int) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t ch = p % c;
-          const P a = sc[ch], k = ka[ch], b0 = kb[ch], mm = mu[ch];
-          const int64_t o = p * hw;
-          const S* KR_RESTRICT xp = x + o;
-          S* KR_RESTRICT outp = out + o;
-          const S* KR_RESTRICT gp = kInPlace ? nullptr : g_in + o;
-          for (int64_t i = 0; i < hw; ++i) {
-            const P g = T::load(kInPlace ? outp[i] : gp[i]);
-            outp[i] = T::store(a * g + k * (T::load(xp[i]) - mm) + b0);
-          }
-        }
-      });
-    }
-  };
-  if (g_in == nullptr) {
-    run(std::true_type{});
-  } else {
-    run(std::false_type{});
-  }
-}
-
-template <class T, Activation A, bool kRes>
-void batch_norm_add_act_backward_impl(const void* dy_, const void* x_, const void* r_, Shape s,
-                                      const void* mean_, const void* var_, const void* gamma_,
-                                      const void* beta_, double epsilon, double alpha_d,
-                                      void* dx_, void* dr_, void* dgamma_, void* dbeta_) {
-  using S = typename T::S;
-  using P = typename T::P;
-  const int64_t c = s.c, hw = s.hw, m = s.m();
-  if (c == 0) return;
-  std::vector<P> ones, zeros;
-  const P* mean = static_cast<const P*>(mean_);
-  const P* var = static_cast<const P*>(var_);
-  const P* gamma = param_or<P>(gamma_, c, P(1), ones);
-  const P* beta = param_or<P>(beta_, c, P(0), zeros);
-  const S* KR_RESTRICT dy = static_cast<const S*>(dy_);
-  const S* KR_RESTRICT x = static_cast<const S*>(x_);
-  const S* KR_RESTRICT r = static_cast<const S*>(r_);
-  S* KR_RESTRICT gbuf = static_cast<S*>(dr_ != nullptr ? dr_ : dx_);
-  P* dgamma = static_cast<P*>(dgamma_);
-  P* dbeta = static_cast<P*>(dbeta_);
-  const P alpha = P(alpha_d);
-
-  // Per-channel constants: invstd, sc = gamma * invstd, sh = beta - mean * sc.
-  std::vector<double> invstd(c);
-  std::vector<P> sc(c), sh(c), mu(c);
-  for (int64_t j = 0; j < c; ++j) {
-    invstd[j] = 1.0 / std::sqrt(double(var[j]) + epsilon);
-    const double scj = double(gamma[j]) * invstd[j];
-    sc[j] = P(scj);
-    sh[j] = P(double(beta[j]) - double(mean[j]) * scj);
-    mu[j] = mean[j];
-  }
-  std::vector<double> sum_g(c, 0.0), sum_gxc(c, 0.0);  // sum(g), sum(g * (x - mean))
-
-  // Pass 1: g = dy * act'(z) into gbuf; reduce sum(g), sum(g * (x - mean)).
-  if (s.channels_last) {
+    for (int t = 0; t < nt; ++t)
+      for (int k = 0; k < NA; ++k)
+        for (int64_t j = 0; j < c; ++j) totals[k][j] += part[(size_t(t) * kNA + k) * c + j];
+  } else if (s.channels_last) {
     const int nt = plan_threads(m, c);
-    std::vector<double> part(size_t(nt) * 2 * c, 0.0);
+    std::vector<double> part(size_t(nt) * kNA * c, 0.0);
     parallel_for(m, nt, [&](int64_t r0, int64_t r1, int t) {
-      double* KR_RESTRICT pg = part.data() + size_t(t) * 2 * c;
-      double* KR_RESTRICT pgx = pg + c;
-      const P* KR_RESTRICT a = sc.data();
-      const P* KR_RESTRICT b = sh.data();
-      const P* KR_RESTRICT mm = mu.data();
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t o = row * c;
-        const S* KR_RESTRICT dyr = dy + o;
-        const S* KR_RESTRICT xr = x + o;
-        const S* KR_RESTRICT rr = kRes ? r + o : nullptr;
-        S* KR_RESTRICT gr = gbuf + o;
-        for (int64_t j = 0; j < c; ++j) {
-          const P xv = T::load(xr[j]);
-          P z = xv * a[j] + b[j];
-          if constexpr (kRes) z += T::load(rr[j]);
-          const P g = act_backward<A, P>(T::load(dyr[j]), z, alpha);
-          gr[j] = T::store(g);
-          pg[j] += double(g);
-          pgx[j] += double(g * (xv - mm[j]));
+      double* accbase = part.data() + size_t(t) * kNA * c;
+      alignas(64) P scratch[kTile];
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t j0 = 0; j0 < c; j0 += kTile) {
+          const P* prm[kNP] = {};
+          double* acc[kNA] = {};
+          for (int k = 0; k < NP; ++k) prm[k] = params[k] + j0;
+          for (int k = 0; k < NA; ++k) acc[k] = accbase + size_t(k) * c + j0;
+          tile(r * c + j0, std::min(kTile, c - j0), prm, acc, scratch);
         }
       }
     });
-    for (int t = 0; t < nt; ++t) {
-      const double* p = part.data() + size_t(t) * 2 * c;
-      for (int64_t j = 0; j < c; ++j) {
-        sum_g[j] += p[j];
-        sum_gxc[j] += p[c + j];
-      }
-    }
+    for (int t = 0; t < nt; ++t)
+      for (int k = 0; k < NA; ++k)
+        for (int64_t j = 0; j < c; ++j) totals[k][j] += part[(size_t(t) * kNA + k) * c + j];
   } else {
     const int64_t planes = s.n * c;
-    std::vector<double> part(size_t(planes) * 2);
-    parallel_for(planes, plan_threads(planes, hw), [&](int64_t p0, int64_t p1, int) {
+    const int64_t width = std::min(hw, kTile);
+    const int nt = plan_threads(planes, hw);
+    std::vector<double> part(size_t(planes) * kNA, 0.0);
+    parallel_for(planes, nt, [&](int64_t p0, int64_t p1, int) {
+      std::vector<P> bcast(size_t(kNP) * width);
+      std::vector<double> accv(size_t(kNA) * width);
+      const P* prm[kNP] = {};
+      double* acc[kNA] = {};
+      for (int k = 0; k < NP; ++k) prm[k] = bcast.data() + size_t(k) * width;
+      for (int k = 0; k < NA; ++k) acc[k] = accv.data() + size_t(k) * width;
+      alignas(64) P scratch[kTile];
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t ch = p % c;
-        const P a = sc[ch], b = sh[ch], mm = mu[ch];
-        const int64_t o = p * hw;
-        const S* KR_RESTRICT dyp = dy + o;
-        const S* KR_RESTRICT xp = x + o;
-        const S* KR_RESTRICT rp = kRes ? r + o : nullptr;
-        S* KR_RESTRICT gp = gbuf + o;
-        double lg[kLanes] = {}, lgx[kLanes] = {};
-        auto one = [&](int64_t i, int l) {
-          const P xv = T::load(xp[i]);
-          P z = xv * a + b;
-          if constexpr (kRes) z += T::load(rp[i]);
-          const P g = act_backward<A, P>(T::load(dyp[i]), z, alpha);
-          gp[i] = T::store(g);
-          lg[l] += double(g);
-          lgx[l] += double(g * (xv - mm));
-        };
-        int64_t i = 0;
-        for (; i + kLanes <= hw; i += kLanes) {
-          for (int l = 0; l < kLanes; ++l) one(i + l, l);
+        for (int k = 0; k < NP; ++k) std::fill_n(bcast.data() + size_t(k) * width, width, params[k][ch]);
+        if (NA > 0) std::fill(accv.begin(), accv.end(), 0.0);
+        for (int64_t i0 = 0; i0 < hw; i0 += kTile) {
+          tile(p * hw + i0, std::min(kTile, hw - i0), prm, acc, scratch);
         }
-        for (; i < hw; ++i) one(i, 0);
-        double s1 = 0.0, s2 = 0.0;
-        for (int l = 0; l < kLanes; ++l) {
-          s1 += lg[l];
-          s2 += lgx[l];
+        for (int k = 0; k < NA; ++k) {
+          double sum = 0.0;
+          for (int64_t i = 0; i < width; ++i) sum += acc[k][i];
+          part[size_t(p) * kNA + k] = sum;
         }
-        part[2 * p] = s1;
-        part[2 * p + 1] = s2;
       }
     });
-    for (int64_t p = 0; p < planes; ++p) {
-      sum_g[p % c] += part[2 * p];
-      sum_gxc[p % c] += part[2 * p + 1];
-    }
-  }
-
-  // dbeta = sum(g), dgamma = sum(g * xhat) = invstd * sum(g * (x - mean)).
-  // dx = sc / m * (m * g - dbeta - xhat * dgamma)
-  //    = sc * g + k * (x - mean) + b0,
-  //   k = -sc * invstd * dgamma / m, b0 = -sc * dbeta / m.
-  std::vector<P> ka(c), kb(c);
-  const double inv_m = m > 0 ? 1.0 / double(m) : 0.0;
-  for (int64_t j = 0; j < c; ++j) {
-    const double dbeta_j = sum_g[j];
-    const double dgamma_j = sum_gxc[j] * invstd[j];
-    dbeta[j] = P(dbeta_j);
-    dgamma[j] = P(dgamma_j);
-    const double scj = double(gamma[j]) * invstd[j];
-    ka[j] = P(-scj * invstd[j] * dgamma_j * inv_m);
-    kb[j] = P(-scj * dbeta_j * inv_m);
-  }
-
-  if (s.size() == 0) return;
-  batch_norm_backward_pass2<T>(x, static_cast<const S*>(dr_), static_cast<S*>(dx_), s, sc.data(),
-                               ka.data(), kb.data(), mu.data());
-}
-
-// --------------------------------------------------------------- dispatch --
-
-template <class F>
-void with_dtype(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(F32{});
-    case DType::kFloat64: return f(F64{});
-    case DType::kFloat16: return f(F16{});
-    case DType::kBFloat16: return f(BF16{});
+    for (int64_t p = 0; p < planes; ++p)
+      for (int k = 0; k < NA; ++k) totals[k][p % c] += part[size_t(p) * kNA + k];
   }
 }
+
+// Conversions of a tile between storage and the parameter type.
+template <class T>
+void load_tile(const typename T::S* KR_RESTRICT src, typename T::P* KR_RESTRICT dst, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) dst[i] = T::load(src[i]);
+}
+template <class T>
+void store_tile(const typename T::P* KR_RESTRICT src, typename T::S* KR_RESTRICT dst,
+                int64_t len) {
+  for (int64_t i = 0; i < len; ++i) dst[i] = T::store(src[i]);
+}
+
+// A tensor argument as P values: the tensor itself when S == P, else a tile
+// converted into `buf`.
+template <class T>
+KR_INLINE const typename T::P* tile_in(const void* base, int64_t offset, int64_t len,
+                                       typename T::P* buf) {
+  using S = typename T::S;
+  const S* src = static_cast<const S*>(base) + offset;
+  if constexpr (std::is_same<S, typename T::P>::value) {
+    (void)len;
+    (void)buf;
+    return src;
+  } else {
+    load_tile<T>(src, buf, len);
+    return buf;
+  }
+}
+
+// Where a tile's output goes: the tensor itself when S == P, else `buf`
+// (then stored with tile_out_store).
+template <class T>
+KR_INLINE typename T::P* tile_out(void* base, int64_t offset, typename T::P* buf) {
+  using S = typename T::S;
+  if constexpr (std::is_same<S, typename T::P>::value) {
+    (void)buf;
+    return static_cast<S*>(base) + offset;
+  } else {
+    return buf;
+  }
+}
+template <class T>
+KR_INLINE void tile_out_store(void* base, int64_t offset, int64_t len,
+                              const typename T::P* buf) {
+  using S = typename T::S;
+  if constexpr (!std::is_same<S, typename T::P>::value) {
+    store_tile<T>(buf, static_cast<S*>(base) + offset, len);
+  } else {
+    (void)base, (void)offset, (void)len, (void)buf;
+  }
+}
+
+// ---------------------------------------------------------- tile kernels --
+
+// GCC keeps loops whose floating-point operations depend on a comparison (the
+// relu family's gradients) scalar while it assumes floating-point exceptions
+// can trap; nothing here reads the exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+// Statistics around the shift k: s += x - k, q += (x - k)^2.
+template <class P>
+void stats_tile(const P* KR_RESTRICT x, const P* KR_RESTRICT k, double* KR_RESTRICT s,
+                double* KR_RESTRICT q, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    const double d = double(x[i]) - double(k[i]);
+    s[i] += d;
+    q[i] += d * d;
+  }
+}
+
+// y = act(x * a + b + r).
+template <class P, Activation A, bool kRes>
+void forward_tile(const P* KR_RESTRICT x, const P* KR_RESTRICT r, const P* KR_RESTRICT a,
+                  const P* KR_RESTRICT b, P* KR_RESTRICT y, int64_t len, P alpha) {
+  for (int64_t i = 0; i < len; ++i) {
+    P z = x[i] * a[i] + b[i];
+    if constexpr (kRes) z += r[i];
+    y[i] = act_forward<A, P>(z, alpha);
+  }
+}
+
+// g = dy * act'(x * a + b + r); dx = g * a; sgx += g * x; sg += g.
+template <class P, Activation A, bool kRes>
+void affine_backward_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
+                          const P* KR_RESTRICT r, const P* KR_RESTRICT a,
+                          const P* KR_RESTRICT b, P* KR_RESTRICT g, P* KR_RESTRICT dx,
+                          double* KR_RESTRICT sgx, double* KR_RESTRICT sg, int64_t len,
+                          P alpha) {
+  for (int64_t i = 0; i < len; ++i) {
+    const P xv = x[i];
+    P z = xv * a[i] + b[i];
+    if constexpr (kRes) z += r[i];
+    const P gv = act_backward<A, P>(dy[i], z, alpha);
+    g[i] = gv;
+    dx[i] = gv * a[i];
+    sgx[i] += double(gv * xv);
+    sg[i] += double(gv);
+  }
+}
+
+// Pass 1 of the batch-norm backward: g = dy * act'(x * a + b + r);
+// sg += g; sgx += g * (x - mu).
+template <class P, Activation A, bool kRes>
+void bn_backward1_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x, const P* KR_RESTRICT r,
+                       const P* KR_RESTRICT a, const P* KR_RESTRICT b, const P* KR_RESTRICT mu,
+                       P* KR_RESTRICT g, double* KR_RESTRICT sg, double* KR_RESTRICT sgx,
+                       int64_t len, P alpha) {
+  for (int64_t i = 0; i < len; ++i) {
+    const P xv = x[i];
+    P z = xv * a[i] + b[i];
+    if constexpr (kRes) z += r[i];
+    const P gv = act_backward<A, P>(dy[i], z, alpha);
+    g[i] = gv;
+    sg[i] += double(gv);
+    sgx[i] += double(gv * (xv - mu[i]));
+  }
+}
+
+// Pass 2 of the batch-norm backward: out = a * g + k * (x - mu) + b0.
+template <class P>
+void bn_backward2_tile(const P* KR_RESTRICT g, const P* KR_RESTRICT x, const P* KR_RESTRICT a,
+                       const P* KR_RESTRICT k, const P* KR_RESTRICT b0, const P* KR_RESTRICT mu,
+                       P* KR_RESTRICT out, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) out[i] = a[i] * g[i] + k[i] * (x[i] - mu[i]) + b0[i];
+}
+// The same with g read from, and dx written to, one array.
+template <class P>
+void bn_backward2_inplace_tile(P* KR_RESTRICT io, const P* KR_RESTRICT x, const P* KR_RESTRICT a,
+                               const P* KR_RESTRICT k, const P* KR_RESTRICT b0,
+                               const P* KR_RESTRICT mu, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) io[i] = a[i] * io[i] + k[i] * (x[i] - mu[i]) + b0[i];
+}
+
+template <class P>
+using ForwardFn = void (*)(const P*, const P*, const P*, const P*, P*, int64_t, P);
+template <class P>
+using AffineBackwardFn = void (*)(const P*, const P*, const P*, const P*, const P*, P*, P*,
+                                  double*, double*, int64_t, P);
+template <class P>
+using BnBackward1Fn = void (*)(const P*, const P*, const P*, const P*, const P*, const P*, P*,
+                               double*, double*, int64_t, P);
 
 template <Activation A>
 using ActTag = std::integral_constant<Activation, A>;
@@ -712,12 +503,233 @@ void with_act(Activation a, const F& f) {
   }
 }
 
+template <class P>
+ForwardFn<P> forward_fn(Activation act, bool res) {
+  ForwardFn<P> fn = nullptr;
+  with_act(act, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    fn = res ? &forward_tile<P, A, true> : &forward_tile<P, A, false>;
+  });
+  return fn;
+}
+template <class P>
+AffineBackwardFn<P> affine_backward_fn(Activation act, bool res) {
+  AffineBackwardFn<P> fn = nullptr;
+  with_act(act, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    fn = res ? &affine_backward_tile<P, A, true> : &affine_backward_tile<P, A, false>;
+  });
+  return fn;
+}
+template <class P>
+BnBackward1Fn<P> bn_backward1_fn(Activation act, bool res) {
+  BnBackward1Fn<P> fn = nullptr;
+  with_act(act, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    fn = res ? &bn_backward1_tile<P, A, true> : &bn_backward1_tile<P, A, false>;
+  });
+  return fn;
+}
+
+// Per-channel parameter array, with nullptr replaced by `fill`.
+template <class P>
+const P* param_or(const void* p, int64_t c, P fill, std::vector<P>& storage) {
+  if (p != nullptr) return static_cast<const P*>(p);
+  storage.assign(size_t(c), fill);
+  return storage.data();
+}
+
+// ---------------------------------------------------------------- kernels --
+
+template <class T>
+void batch_stats_impl(const void* x, Shape s, void* mean_, void* var_) {
+  using S = typename T::S;
+  using P = typename T::P;
+  P* mean = static_cast<P*>(mean_);
+  P* var = static_cast<P*>(var_);
+  const int64_t c = s.c, m = s.m();
+  if (c == 0) return;
+  if (m == 0) {
+    std::fill_n(mean, c, std::numeric_limits<P>::quiet_NaN());
+    std::fill_n(var, c, std::numeric_limits<P>::quiet_NaN());
+    return;
+  }
+  // Per-channel shift: the channel's first value.
+  const S* xs = static_cast<const S*>(x);
+  std::vector<P> shift(c);
+  for (int64_t j = 0; j < c; ++j) shift[j] = T::load(xs[s.channels_last ? j : j * s.hw]);
+  std::vector<double> sum(c, 0.0), sumsq(c, 0.0);
+  const P* params[1] = {shift.data()};
+  double* const totals[2] = {sum.data(), sumsq.data()};
+  for_each_tile<P, 1, 2>(s, params, totals,
+                         [&](int64_t o, int64_t len, const P* const* prm, double* const* acc,
+                             P* scratch) {
+                           const P* xv = tile_in<T>(x, o, len, scratch);
+                           stats_tile<P>(xv, prm[0], acc[0], acc[1], len);
+                         });
+  const double inv_m = 1.0 / double(m);
+  for (int64_t j = 0; j < c; ++j) {
+    const double d = sum[j] * inv_m;
+    const double v = sumsq[j] * inv_m - d * d;
+    mean[j] = P(double(shift[j]) + d);
+    var[j] = P(v > 0.0 ? v : 0.0);
+  }
+}
+
+template <class T>
+void scale_shift_add_act_impl(const void* x, const void* r, Shape s, const void* scale_,
+                              const void* shift_, Act act, void* y) {
+  using P = typename T::P;
+  if (s.size() == 0) return;
+  std::vector<P> ones, zeros;
+  const P* params[2] = {param_or<P>(scale_, s.c, P(1), ones),
+                        param_or<P>(shift_, s.c, P(0), zeros)};
+  double* const totals[1] = {nullptr};
+  const ForwardFn<P> fn = forward_fn<P>(act.kind, r != nullptr);
+  const P alpha = P(act.alpha);
+  for_each_tile<P, 2, 0>(s, params, totals,
+                         [&](int64_t o, int64_t len, const P* const* prm, double* const*,
+                             P* scratch) {
+                           alignas(64) P bx[std::is_same<typename T::S, P>::value ? 1 : kTile];
+                           alignas(64) P br[std::is_same<typename T::S, P>::value ? 1 : kTile];
+                           const P* xv = tile_in<T>(x, o, len, bx);
+                           const P* rv = r ? tile_in<T>(r, o, len, br) : nullptr;
+                           P* yv = tile_out<T>(y, o, scratch);
+                           fn(xv, rv, prm[0], prm[1], yv, len, alpha);
+                           tile_out_store<T>(y, o, len, yv);
+                         });
+}
+
+template <class T>
+void scale_shift_add_act_backward_impl(const void* dy, const void* x, const void* r, Shape s,
+                                       const void* scale_, const void* shift_, Act act,
+                                       void* dx, void* dr, void* dscale_, void* dshift_) {
+  using P = typename T::P;
+  constexpr bool kDirect = std::is_same<typename T::S, P>::value;
+  constexpr int64_t kBuf = kDirect ? 1 : kTile;
+  const int64_t c = s.c;
+  if (c == 0) return;
+  std::vector<P> ones, zeros;
+  const P* params[2] = {param_or<P>(scale_, c, P(1), ones), param_or<P>(shift_, c, P(0), zeros)};
+  std::vector<double> sum_gx(c, 0.0), sum_g(c, 0.0);
+  double* const totals[2] = {sum_gx.data(), sum_g.data()};
+  const AffineBackwardFn<P> fn = affine_backward_fn<P>(act.kind, r != nullptr);
+  const P alpha = P(act.alpha);
+  for_each_tile<P, 2, 2>(
+      s, params, totals,
+      [&](int64_t o, int64_t len, const P* const* prm, double* const* acc, P* scratch) {
+        alignas(64) P bdy[kBuf], bx[kBuf], br[kBuf], bdx[kBuf];
+        const P* dyv = tile_in<T>(dy, o, len, bdy);
+        const P* xv = tile_in<T>(x, o, len, bx);
+        const P* rv = r ? tile_in<T>(r, o, len, br) : nullptr;
+        P* gv = dr ? tile_out<T>(dr, o, scratch) : scratch;
+        P* dxv = tile_out<T>(dx, o, bdx);
+        fn(dyv, xv, rv, prm[0], prm[1], gv, dxv, acc[0], acc[1], len, alpha);
+        if (dr) tile_out_store<T>(dr, o, len, gv);
+        tile_out_store<T>(dx, o, len, dxv);
+      });
+  P* dscale = static_cast<P*>(dscale_);
+  P* dshift = static_cast<P*>(dshift_);
+  for (int64_t j = 0; j < c; ++j) {
+    if (dscale != nullptr) dscale[j] = P(sum_gx[j]);
+    dshift[j] = P(sum_g[j]);
+  }
+}
+
+template <class T>
+void batch_norm_add_act_backward_impl(const void* dy, const void* x, const void* r, Shape s,
+                                      const void* mean_, const void* var_, const void* gamma_,
+                                      const void* beta_, double epsilon, Act act, void* dx,
+                                      void* dr, void* dgamma_, void* dbeta_) {
+  using P = typename T::P;
+  constexpr bool kDirect = std::is_same<typename T::S, P>::value;
+  constexpr int64_t kBuf = kDirect ? 1 : kTile;
+  const int64_t c = s.c, m = s.m();
+  if (c == 0) return;
+  std::vector<P> ones, zeros;
+  const P* mean = static_cast<const P*>(mean_);
+  const P* var = static_cast<const P*>(var_);
+  const P* gamma = param_or<P>(gamma_, c, P(1), ones);
+  const P* beta = param_or<P>(beta_, c, P(0), zeros);
+
+  // Per-channel constants: invstd, sc = gamma * invstd, sh = beta - mean * sc.
+  std::vector<double> invstd(c);
+  std::vector<P> sc(c), sh(c);
+  for (int64_t j = 0; j < c; ++j) {
+    invstd[j] = 1.0 / std::sqrt(double(var[j]) + epsilon);
+    const double scj = double(gamma[j]) * invstd[j];
+    sc[j] = P(scj);
+    sh[j] = P(double(beta[j]) - double(mean[j]) * scj);
+  }
+
+  // Pass 1: g = dy * act'(z) into dr (or dx); sums of g and g * (x - mean).
+  void* gbuf = dr != nullptr ? dr : dx;
+  std::vector<double> sum_g(c, 0.0), sum_gxc(c, 0.0);
+  {
+    const P* params[3] = {sc.data(), sh.data(), mean};
+    double* const totals[2] = {sum_g.data(), sum_gxc.data()};
+    const BnBackward1Fn<P> fn = bn_backward1_fn<P>(act.kind, r != nullptr);
+    const P alpha = P(act.alpha);
+    for_each_tile<P, 3, 2>(
+        s, params, totals,
+        [&](int64_t o, int64_t len, const P* const* prm, double* const* acc, P* scratch) {
+          alignas(64) P bdy[kBuf], bx[kBuf], br[kBuf];
+          const P* dyv = tile_in<T>(dy, o, len, bdy);
+          const P* xv = tile_in<T>(x, o, len, bx);
+          const P* rv = r ? tile_in<T>(r, o, len, br) : nullptr;
+          P* gv = tile_out<T>(gbuf, o, scratch);
+          fn(dyv, xv, rv, prm[0], prm[1], prm[2], gv, acc[0], acc[1], len, alpha);
+          tile_out_store<T>(gbuf, o, len, gv);
+        });
+  }
+
+  // dbeta = sum(g), dgamma = sum(g * xhat) = invstd * sum(g * (x - mean)).
+  // dx = sc / m * (m * g - dbeta - xhat * dgamma)
+  //    = sc * g + k * (x - mean) + b0,
+  //   k = -sc * invstd * dgamma / m, b0 = -sc * dbeta / m.
+  P* dgamma = static_cast<P*>(dgamma_);
+  P* dbeta = static_cast<P*>(dbeta_);
+  std::vector<P> ka(c), kb(c);
+  const double inv_m = m > 0 ? 1.0 / double(m) : 0.0;
+  for (int64_t j = 0; j < c; ++j) {
+    const double dbeta_j = sum_g[j];
+    const double dgamma_j = sum_gxc[j] * invstd[j];
+    dbeta[j] = P(dbeta_j);
+    dgamma[j] = P(dgamma_j);
+    const double scj = double(gamma[j]) * invstd[j];
+    ka[j] = P(-scj * invstd[j] * dgamma_j * inv_m);
+    kb[j] = P(-scj * dbeta_j * inv_m);
+  }
+
+  // Pass 2: g -> dx (in place when g lives in dx).
+  const P* params[4] = {sc.data(), ka.data(), kb.data(), mean};
+  double* const totals[1] = {nullptr};
+  for_each_tile<P, 4, 0>(
+      s, params, totals,
+      [&](int64_t o, int64_t len, const P* const* prm, double* const*, P* scratch) {
+        alignas(64) P bx[kBuf], bg[kBuf];
+        const P* xv = tile_in<T>(x, o, len, bx);
+        if (kDirect && dr == nullptr) {
+          bn_backward2_inplace_tile<P>(tile_out<T>(dx, o, scratch), xv, prm[0], prm[1], prm[2],
+                                       prm[3], len);
+        } else {
+          const P* gv = tile_in<T>(gbuf, o, len, bg);
+          P* out = tile_out<T>(dx, o, scratch);
+          bn_backward2_tile<P>(gv, xv, prm[0], prm[1], prm[2], prm[3], out, len);
+          tile_out_store<T>(dx, o, len, out);
+        }
+      });
+}
+
+// --------------------------------------------------------------- dispatch --
+
 template <class F>
-void with_bool(bool b, const F& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
+void with_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(F32{});
+    case DType::kFloat64: return f(F64{});
+    case DType::kFloat16: return f(F16{});
+    case DType::kBFloat16: return f(BF16{});
   }
 }
 
@@ -730,12 +742,7 @@ void batch_stats(DType dtype, const void* x, Shape shape, void* mean, void* var)
 void scale_shift_add_act(DType dtype, const void* x, const void* residual, Shape shape,
                          const void* scale, const void* shift, Act act, void* y) {
   with_dtype(dtype, [&](auto t) {
-    with_act(act.kind, [&](auto a) {
-      with_bool(residual != nullptr, [&](auto res) {
-        scale_shift_add_act_impl<decltype(t), decltype(a)::value, decltype(res)::value>(
-            x, residual, shape, scale, shift, act.alpha, y);
-      });
-    });
+    scale_shift_add_act_impl<decltype(t)>(x, residual, shape, scale, shift, act, y);
   });
 }
 
@@ -744,12 +751,8 @@ void scale_shift_add_act_backward(DType dtype, const void* dy, const void* x,
                                   const void* shift, Act act, void* dx, void* dresidual,
                                   void* dscale, void* dshift) {
   with_dtype(dtype, [&](auto t) {
-    with_act(act.kind, [&](auto a) {
-      with_bool(residual != nullptr, [&](auto res) {
-        scale_shift_add_act_backward_impl<decltype(t), decltype(a)::value, decltype(res)::value>(
-            dy, x, residual, shape, scale, shift, act.alpha, dx, dresidual, dscale, dshift);
-      });
-    });
+    scale_shift_add_act_backward_impl<decltype(t)>(dy, x, residual, shape, scale, shift, act, dx,
+                                                   dresidual, dscale, dshift);
   });
 }
 
@@ -759,13 +762,8 @@ void batch_norm_add_act_backward(DType dtype, const void* dy, const void* x,
                                  double epsilon, Act act, void* dx, void* dresidual,
                                  void* dgamma, void* dbeta) {
   with_dtype(dtype, [&](auto t) {
-    with_act(act.kind, [&](auto a) {
-      with_bool(residual != nullptr, [&](auto res) {
-        batch_norm_add_act_backward_impl<decltype(t), decltype(a)::value, decltype(res)::value>(
-            dy, x, residual, shape, mean, var, gamma, beta, epsilon, act.alpha, dx, dresidual,
-            dgamma, dbeta);
-      });
-    });
+    batch_norm_add_act_backward_impl<decltype(t)>(dy, x, residual, shape, mean, var, gamma, beta,
+                                                  epsilon, act, dx, dresidual, dgamma, dbeta);
   });
 }
 

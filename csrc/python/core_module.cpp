@@ -134,11 +134,11 @@ Tensor like_arg(const py::object& obj, const char* name, const Tensor& x, bool c
 bool is_double(kr::DType d) { return d == kr::DType::kFloat64; }
 
 // A per-channel array of length c, converted to the parameter dtype; None
-// gives an empty array (the caller passes nullptr).
-py::array param_arg(const py::object& obj, const char* name, int64_t c, kr::DType dt,
+// (where allowed) gives None, passed to the kernels as nullptr.
+py::object param_arg(const py::object& obj, const char* name, int64_t c, kr::DType dt,
                     bool allow_none) {
   if (obj.is_none()) {
-    if (allow_none) return py::array();
+    if (allow_none) return py::none();
     fail(std::string("`") + name + "` must be a 1D array of length " + std::to_string(c) +
          ". Received: " + name + "=None");
   }
@@ -165,7 +165,9 @@ py::array new_param(int64_t c, kr::DType dt) {
   return py::array_t<float>(c);
 }
 
-const void* ptr_or_null(const py::array& a) { return a ? a.data() : nullptr; }
+const void* ptr_or_null(const py::object& a) {
+  return a.is_none() ? nullptr : a.cast<py::array>().data();
+}
 
 kr::Act act_arg(const py::object& activation, double alpha) {
   if (activation.is_none()) return kr::Act{kr::Activation::kLinear, alpha};
@@ -209,16 +211,18 @@ py::array scale_shift_add_act(const py::object& x_obj, const py::object& scale_o
                               bool bfloat16) {
   Tensor x = tensor_arg(x_obj, "x", channels_last, bfloat16);
   const kr::Act act = act_arg(activation, alpha);
-  py::array scale = param_arg(scale_obj, "scale", x.shape.c, x.dtype, true);
-  py::array shift = param_arg(shift_obj, "shift", x.shape.c, x.dtype, false);
+  py::object scale = param_arg(scale_obj, "scale", x.shape.c, x.dtype, true);
+  py::object shift = param_arg(shift_obj, "shift", x.shape.c, x.dtype, false);
   Tensor r{};
   const bool has_r = !residual_obj.is_none();
   if (has_r) r = like_arg(residual_obj, "residual", x, channels_last, bfloat16);
   py::array y = empty_like(x);
+  const void* scale_p = ptr_or_null(scale);
+  const void* shift_p = ptr_or_null(shift);
   {
     py::gil_scoped_release release;
     kr::cpu::scale_shift_add_act(x.dtype, x.array.data(), has_r ? r.array.data() : nullptr,
-                                 x.shape, ptr_or_null(scale), shift.data(), act,
+                                 x.shape, scale_p, shift_p, act,
                                  y.mutable_data());
   }
   return y;
@@ -232,8 +236,8 @@ py::tuple scale_shift_add_act_backward(const py::object& dy_obj, const py::objec
   Tensor x = tensor_arg(x_obj, "x", channels_last, bfloat16);
   Tensor dy = like_arg(dy_obj, "dy", x, channels_last, bfloat16);
   const kr::Act act = act_arg(activation, alpha);
-  py::array scale = param_arg(scale_obj, "scale", x.shape.c, x.dtype, true);
-  py::array shift = param_arg(shift_obj, "shift", x.shape.c, x.dtype, false);
+  py::object scale = param_arg(scale_obj, "scale", x.shape.c, x.dtype, true);
+  py::object shift = param_arg(shift_obj, "shift", x.shape.c, x.dtype, false);
   Tensor r{};
   const bool has_r = !residual_obj.is_none();
   if (has_r) r = like_arg(residual_obj, "residual", x, channels_last, bfloat16);
@@ -248,16 +252,18 @@ py::tuple scale_shift_add_act_backward(const py::object& dy_obj, const py::objec
     dr_ptr = a.mutable_data();
     dr = a;
   }
-  if (scale) {
+  if (!scale.is_none()) {
     py::array a = new_param(x.shape.c, x.dtype);
     dscale_ptr = a.mutable_data();
     dscale = a;
   }
+  const void* scale_p = ptr_or_null(scale);
+  const void* shift_p = ptr_or_null(shift);
   {
     py::gil_scoped_release release;
     kr::cpu::scale_shift_add_act_backward(
         x.dtype, dy.array.data(), x.array.data(), has_r ? r.array.data() : nullptr, x.shape,
-        ptr_or_null(scale), shift.data(), act, dx.mutable_data(), dr_ptr, dscale_ptr,
+        scale_p, shift_p, act, dx.mutable_data(), dr_ptr, dscale_ptr,
         dshift.mutable_data());
   }
   return py::make_tuple(dx, dr, dscale, dshift);
@@ -278,10 +284,10 @@ py::tuple batch_norm_add_act_backward(const py::object& dy_obj, const py::object
     fail(os.str());
   }
   const int64_t c = x.shape.c;
-  py::array mean = param_arg(mean_obj, "mean", c, x.dtype, false);
-  py::array var = param_arg(var_obj, "var", c, x.dtype, false);
-  py::array gamma = param_arg(gamma_obj, "gamma", c, x.dtype, true);
-  py::array beta = param_arg(beta_obj, "beta", c, x.dtype, true);
+  py::object mean = param_arg(mean_obj, "mean", c, x.dtype, false);
+  py::object var = param_arg(var_obj, "var", c, x.dtype, false);
+  py::object gamma = param_arg(gamma_obj, "gamma", c, x.dtype, true);
+  py::object beta = param_arg(beta_obj, "beta", c, x.dtype, true);
   Tensor r{};
   const bool has_r = !residual_obj.is_none();
   if (has_r) r = like_arg(residual_obj, "residual", x, channels_last, bfloat16);
@@ -295,11 +301,15 @@ py::tuple batch_norm_add_act_backward(const py::object& dy_obj, const py::object
   }
   py::array dgamma = new_param(c, x.dtype);
   py::array dbeta = new_param(c, x.dtype);
+  const void* mean_p = ptr_or_null(mean);
+  const void* var_p = ptr_or_null(var);
+  const void* gamma_p = ptr_or_null(gamma);
+  const void* beta_p = ptr_or_null(beta);
   {
     py::gil_scoped_release release;
     kr::cpu::batch_norm_add_act_backward(
         x.dtype, dy.array.data(), x.array.data(), has_r ? r.array.data() : nullptr, x.shape,
-        mean.data(), var.data(), ptr_or_null(gamma), ptr_or_null(beta), epsilon, act,
+        mean_p, var_p, gamma_p, beta_p, epsilon, act,
         dx.mutable_data(), dr_ptr, dgamma.mutable_data(), dbeta.mutable_data());
   }
   return py::make_tuple(dx, dr, dgamma, dbeta);
