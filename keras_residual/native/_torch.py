@@ -1,0 +1,590 @@
+"""PyTorch adapter of the fused BatchNormalization + residual add + activation.
+
+The ``keras_residual::`` ops of ``csrc/torch`` are compiled on first use (in a
+separate process, against the installed torch) and cached; ``load()`` then
+loads the library into this process and registers, in Python, their autograd
+formulas and their fake (meta) kernels, so that they work under
+``torch.autograd``, ``torch.compile`` and ``torch.library.opcheck``.
+
+The CPU kernels are always compiled in; the CUDA kernels too when torch has
+CUDA and ``nvcc`` is found (``torch.utils.cpp_extension.CUDA_HOME``), for the
+architectures of ``$TORCH_CUDA_ARCH_LIST``, else those of the visible GPUs,
+else those torch itself was built for.
+
+Activations are passed as the int codes of ``keras_residual::Activation``
+(see `ACTIVATIONS`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from keras_residual.native import _build
+
+ACTIVATIONS = {
+    "linear": 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "relu6": 3,
+    "silu": 4,
+    "swish": 4,
+    "gelu": 5,
+}
+LIBRARY_NAME = "keras_residual_torch_ops"
+_FLOAT_DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
+
+_lock = threading.RLock()
+_state: dict[str, Any] = {
+    "built": False,
+    "loaded": False,
+    "path": None,
+    "reason": None,
+    "cuda_compiled": False,
+    "cuda_archs": None,
+    "cuda_reason": None,
+    "build_info": None,
+}
+
+
+# -- building -------------------------------------------------------------------
+
+
+def cpu_sources() -> list[Path]:
+    """The C++ sources of the CPU library: the CPU kernels and the op registration."""
+    return [*sorted((_build.CSRC / "cpu").glob("*.cpp")), _build.CSRC / "torch" / "ops.cpp"]
+
+
+def cuda_sources() -> list[Path]:
+    """The extra sources compiled in when CUDA is available."""
+    return [*sorted((_build.CSRC / "cuda").glob("*.cu")), _build.CSRC / "torch" / "ops_cuda.cpp"]
+
+
+def _cuda_plan() -> tuple[str | None, str | None]:
+    """(arch list, None) when the CUDA part can be compiled, else (None, why not)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if not torch.version.cuda:
+        return None, "torch is a CPU-only build"
+    home = cpp_extension.CUDA_HOME
+    if not home:
+        return None, "no CUDA toolkit found (set CUDA_HOME)"
+    if not (Path(home) / "bin" / "nvcc").is_file():
+        return None, f"no nvcc in {home}/bin"
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if archs and archs != "native":
+        return archs, None
+    found = set()
+    try:
+        if torch.cuda.is_available():
+            for index in range(torch.cuda.device_count()):
+                major, minor = torch.cuda.get_device_capability(index)
+                found.add((major, minor))
+    except Exception:  # noqa: BLE001 - no usable driver: fall back to torch's archs
+        found = set()
+    if not found:
+        for arch in torch.cuda.get_arch_list():
+            if arch.startswith("sm_") and arch[3:].isdigit():
+                number = int(arch[3:])
+                found.add((number // 10, number % 10))
+    if not found:
+        return None, "no CUDA architecture to compile for (set TORCH_CUDA_ARCH_LIST)"
+    names = [f"{major}.{minor}" for major, minor in sorted(found)]
+    names[-1] += "+PTX"
+    return ";".join(names), None
+
+
+def _common_cflags() -> list[str]:
+    # torch's extension builder adds -std=c++20 itself (its headers need it);
+    # the kernels are C++17 code that compiles unchanged as C++20.
+    return ["-O3", "-DNDEBUG"]
+
+
+def _compile_in_subprocess(
+    out_path: Path, build_dir: Path, sources: list[Path], archs: str | None
+) -> None:
+    """Compiles with torch.utils.cpp_extension in a fresh interpreter.
+
+    The compiling interpreter loads the library once (which proves that it
+    links); this process never does, so it can load the cached copy later.
+    """
+    with_cuda = archs is not None
+    cflags = _common_cflags() + (["-DKERAS_RESIDUAL_WITH_CUDA"] if with_cuda else [])
+    spec = {
+        "name": LIBRARY_NAME,
+        "sources": [str(path) for path in sources],
+        "build_dir": str(build_dir),
+        "out_path": str(out_path),
+        "cflags": cflags,
+        "cuda_cflags": ["-O3", "-DNDEBUG", "--use_fast_math", "-DKERAS_RESIDUAL_WITH_CUDA"]
+        if with_cuda
+        else [],
+        "include": [str(_build.CSRC / "include"), str(_build.CSRC / "torch")],
+    }
+    script = (
+        "import json, shutil, sys\n"
+        "from torch.utils import cpp_extension\n"
+        "spec = json.loads(sys.argv[1])\n"
+        "path = cpp_extension.load(name=spec['name'], sources=spec['sources'],\n"
+        "    build_directory=spec['build_dir'], is_python_module=False,\n"
+        "    extra_cflags=spec['cflags'], extra_cuda_cflags=spec['cuda_cflags'] or None,\n"
+        "    extra_include_paths=spec['include'], verbose=True)\n"
+        "shutil.copyfile(path, spec['out_path'])\n"
+    )
+    env = dict(os.environ)
+    if with_cuda:
+        env["TORCH_CUDA_ARCH_LIST"] = archs
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(spec)],
+        cwd=build_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0 or not out_path.is_file():
+        lines = (result.stdout + result.stderr).strip().splitlines()
+        tail = "\n".join(lines[-25:])
+        raise _build.NativeUnavailable(
+            f"compiling the torch ops failed (exit status {result.returncode}); "
+            f"compiler output (tail):\n{tail}"
+        )
+
+
+def _framework_version() -> str:
+    import torch
+
+    return f"{torch.__version__}-cuda{torch.version.cuda or 'none'}"
+
+
+def _extra_key(archs: str | None) -> str:
+    import torch
+
+    headers = sorted((_build.CSRC / "torch").glob("*.h"))
+    header_text = "".join(path.read_text() for path in headers)
+    return json.dumps(
+        {
+            "cuda_archs": archs,
+            "cflags": _common_cflags(),
+            "cxx11_abi": bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)),
+            "compiler": _build.compiler_version(os.environ.get("CXX") or shutil.which("c++")),
+            "torch_headers": header_text,
+        },
+        sort_keys=True,
+    )
+
+
+def build(with_cuda: bool | None = None, rebuild: bool = False) -> Path:
+    """Compiles (or finds in the cache) the torch ops library; returns its path.
+
+    Args:
+        with_cuda: compile the CUDA kernels in. `None` (the default) means
+            whenever torch has CUDA and nvcc is found; `True` requires it.
+        rebuild: compile even if the cache holds a library.
+
+    Returns:
+        The path of the library in the cache.
+
+    Raises:
+        NativeUnavailable: the library cannot be built (the message carries
+            the compiler's output), or `with_cuda=True` and CUDA cannot be
+            compiled for.
+    """
+    archs, cuda_reason = (None, "not requested") if with_cuda is False else _cuda_plan()
+    if with_cuda and archs is None:
+        raise _build.NativeUnavailable(f"cannot compile the CUDA kernels: {cuda_reason}")
+    sources = cpu_sources() + (cuda_sources() if archs is not None else [])
+
+    def compile_library(out_path: Path, build_dir: Path) -> None:
+        _compile_in_subprocess(out_path, build_dir, sources, archs)
+
+    path = _build.build_library(
+        "torch_ops",
+        sources,
+        framework_version=_framework_version(),
+        compile=compile_library,
+        extra_key=_extra_key(archs),
+        rebuild=rebuild,
+    )
+    _state.update(cuda_compiled=archs is not None, cuda_archs=archs, cuda_reason=cuda_reason)
+    return path
+
+
+def _build_with_fallback() -> Path:
+    try:
+        return build()
+    except _build.NativeUnavailable as error:
+        if _state["cuda_archs"] is None and not _cuda_plan()[0]:
+            raise
+        # The CUDA part failed to compile: the CPU ops are still worth having.
+        cuda_error = str(error)
+        path = build(with_cuda=False)
+        _state["cuda_reason"] = f"compiling the CUDA kernels failed: {cuda_error}"
+        return path
+
+
+def load() -> None:
+    """Builds if needed, and loads once per process, the torch ops library.
+
+    Then registers the autograd formulas and fake kernels of the ops.
+
+    Raises:
+        NativeUnavailable: the library cannot be built or loaded; the message
+            says why.
+    """
+    with _lock:
+        if _state["loaded"]:
+            return
+        try:
+            import torch
+        except ImportError as error:
+            raise _build.NativeUnavailable(f"torch is not installed ({error})") from error
+        try:
+            path = _build_with_fallback()
+            _state.update(built=True, path=str(path))
+            try:
+                torch.ops.load_library(str(path))
+            except OSError:
+                # A cached library that no longer loads (a changed system
+                # library, say): compile it again once.
+                path = build(with_cuda=bool(_state["cuda_compiled"]), rebuild=True)
+                _state["path"] = str(path)
+                torch.ops.load_library(str(path))
+            _register_python()
+            _state["build_info"] = torch.ops.keras_residual.build_info()
+        except _build.NativeUnavailable as error:
+            _state["reason"] = str(error)
+            raise
+        except Exception as error:
+            _state["reason"] = f"loading the torch ops failed: {type(error).__name__}: {error}"
+            raise _build.NativeUnavailable(_state["reason"]) from error
+        _state.update(loaded=True, reason=None)
+
+
+def status() -> dict:
+    """What is known about the torch ops in this process (builds nothing).
+
+    Returns:
+        A dict with `built`, `loaded`, `reason` (why not, or None), `path`,
+        `cuda_compiled`, `cuda_archs`, `cuda_reason` (why CUDA is not
+        compiled in, or None), `build_info` and `torch`.
+    """
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    return {
+        "built": _state["built"],
+        "loaded": _state["loaded"],
+        "reason": _state["reason"],
+        "path": _state["path"],
+        "cuda_compiled": _state["cuda_compiled"],
+        "cuda_archs": _state["cuda_archs"],
+        "cuda_reason": None if _state["cuda_compiled"] else _state["cuda_reason"],
+        "build_info": _state["build_info"],
+        "torch": torch_version,
+    }
+
+
+def supports(device: Any) -> bool:
+    """Whether the loaded ops have kernels for `device`.
+
+    Args:
+        device: a `torch.device` or a device string such as `"cpu"` or
+            `"cuda:0"`.
+
+    Returns:
+        True for CPU once loaded, and for CUDA when the CUDA kernels are
+        compiled in; False before `load()` and for any other device.
+    """
+    if not _state["loaded"]:
+        return False
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        return False
+    if kind == "cpu":
+        return True
+    return kind == "cuda" and bool(_state["cuda_compiled"])
+
+
+# -- autograd and fake kernels ----------------------------------------------------
+
+
+def _param_dtype(dtype):
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channels(x, channels_last: bool) -> int:
+    return x.shape[3] if channels_last else x.shape[1]
+
+
+def _bn_setup_context(ctx, inputs, output) -> None:
+    x, gamma, beta, residual, epsilon, activation, alpha, channels_last = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, gamma, beta, residual, mean, var)
+    ctx.options = (epsilon, activation, alpha, channels_last)
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _bn_backward(ctx, dy, _dmean, _dvar):
+    import torch
+
+    x, gamma, beta, residual, mean, var = ctx.saved_tensors
+    epsilon, activation, alpha, channels_last = ctx.options
+    need_residual = residual is not None and ctx.needs_input_grad[3]
+    dx, dresidual, dgamma, dbeta = torch.ops.keras_residual.bn_add_act_backward(
+        dy,
+        x,
+        residual,
+        mean,
+        var,
+        gamma,
+        beta,
+        epsilon,
+        activation,
+        alpha,
+        channels_last,
+        need_residual,
+    )
+    return (
+        dx if ctx.needs_input_grad[0] else None,
+        dgamma if ctx.needs_input_grad[1] else None,
+        dbeta if ctx.needs_input_grad[2] else None,
+        dresidual if need_residual else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def _epilogue_setup_context(ctx, inputs, output) -> None:
+    x, scale, shift, residual, activation, alpha, channels_last = inputs
+    ctx.save_for_backward(x, scale, shift, residual)
+    ctx.options = (activation, alpha, channels_last)
+
+
+def _epilogue_backward(ctx, dy):
+    import torch
+
+    x, scale, shift, residual = ctx.saved_tensors
+    activation, alpha, channels_last = ctx.options
+    need_residual = residual is not None and ctx.needs_input_grad[3]
+    need_scale = scale is not None and ctx.needs_input_grad[1]
+    dx, dresidual, dscale, dshift = torch.ops.keras_residual.scale_shift_add_act_backward(
+        dy, x, scale, shift, residual, activation, alpha, channels_last, need_residual, need_scale
+    )
+    return (
+        dx if ctx.needs_input_grad[0] else None,
+        dscale if need_scale else None,
+        dshift if ctx.needs_input_grad[2] else None,
+        dresidual if need_residual else None,
+        None,
+        None,
+        None,
+    )
+
+
+def _register_python() -> None:
+    import torch
+
+    def fake_bn_train(x, gamma, beta, residual, epsilon, activation, alpha, channels_last):
+        torch._check(x.dim() == 4, lambda: f"`x` must be 4D. Received: x.shape={tuple(x.shape)}")
+        c = _channels(x, channels_last)
+        param = _param_dtype(x.dtype)
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return y, x.new_empty((c,), dtype=param), x.new_empty((c,), dtype=param)
+
+    def fake_bn_backward(
+        dy,
+        x,
+        residual,
+        mean,
+        var,
+        gamma,
+        beta,
+        epsilon,
+        activation,
+        alpha,
+        channels_last,
+        need_residual_grad,
+    ):
+        c = _channels(x, channels_last)
+        param = _param_dtype(x.dtype)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if need_residual_grad and residual is not None:
+            dresidual = torch.empty_like(x, memory_format=torch.contiguous_format)
+        else:
+            dresidual = x.new_empty((0,))
+        return dx, dresidual, x.new_empty((c,), dtype=param), x.new_empty((c,), dtype=param)
+
+    def fake_epilogue(x, scale, shift, residual, activation, alpha, channels_last):
+        torch._check(x.dim() == 4, lambda: f"`x` must be 4D. Received: x.shape={tuple(x.shape)}")
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def fake_epilogue_backward(
+        dy,
+        x,
+        scale,
+        shift,
+        residual,
+        activation,
+        alpha,
+        channels_last,
+        need_residual_grad,
+        need_scale_grad,
+    ):
+        c = _channels(x, channels_last)
+        param = _param_dtype(x.dtype)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if need_residual_grad and residual is not None:
+            dresidual = torch.empty_like(x, memory_format=torch.contiguous_format)
+        else:
+            dresidual = x.new_empty((0,))
+        dscale = x.new_empty((c if need_scale_grad and scale is not None else 0,), dtype=param)
+        return dx, dresidual, dscale, x.new_empty((c,), dtype=param)
+
+    fakes = {
+        "bn_add_act_train": fake_bn_train,
+        "bn_add_act_backward": fake_bn_backward,
+        "scale_shift_add_act": fake_epilogue,
+        "scale_shift_add_act_backward": fake_epilogue_backward,
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"keras_residual::{name}", fake)
+    torch.library.register_autograd(
+        "keras_residual::bn_add_act_train", _bn_backward, setup_context=_bn_setup_context
+    )
+    torch.library.register_autograd(
+        "keras_residual::scale_shift_add_act",
+        _epilogue_backward,
+        setup_context=_epilogue_setup_context,
+    )
+
+
+# -- the functions the dispatcher calls ------------------------------------------
+
+
+def _activation_code(activation: int | str) -> int:
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"`activation` must be one of {sorted(ACTIVATIONS)} or its int code. "
+                f"Received: activation={activation!r}"
+            )
+        return ACTIVATIONS[activation]
+    if isinstance(activation, bool) or not isinstance(activation, int):
+        raise ValueError(
+            f"`activation` must be an int code or a name. Received: activation={activation!r}"
+        )
+    return activation
+
+
+def bn_add_act_train(
+    x,
+    gamma,
+    beta,
+    residual=None,
+    *,
+    epsilon: float,
+    activation: int | str,
+    alpha: float = 0.2,
+    channels_last: bool = True,
+):
+    """Training BatchNormalization + residual add + activation, differentiable.
+
+    Args:
+        x: 4D float tensor (NHWC when `channels_last`, else NCHW).
+        gamma: per-channel scale, shape `(C,)`; float64 for float64 `x`,
+            float32 otherwise (cast if it is not).
+        beta: per-channel offset, like `gamma`.
+        residual: tensor of the shape and dtype of `x`, or None.
+        epsilon: added to the variance.
+        activation: int code of the activation (see `ACTIVATIONS`) or its name.
+        alpha: negative slope of `leaky_relu`. Defaults to `0.2`.
+        channels_last: the layout of `x`. Defaults to `True`.
+
+    Returns:
+        `(y, mean, var)`: `y` like `x`; the batch mean and biased variance
+        per channel (not differentiable).
+
+    Raises:
+        NativeUnavailable: the library cannot be loaded.
+        ValueError: bad shapes, dtypes, devices or arguments.
+    """
+    import torch
+
+    if not _state["loaded"]:  # a constant check, so that torch.compile traces through
+        load()
+    param = _param_dtype(x.dtype)
+    return torch.ops.keras_residual.bn_add_act_train(
+        x,
+        gamma.to(param),
+        beta.to(param),
+        residual,
+        float(epsilon),
+        _activation_code(activation),
+        float(alpha),
+        bool(channels_last),
+    )
+
+
+def scale_shift_add_act(
+    x,
+    scale,
+    shift,
+    residual=None,
+    *,
+    activation: int | str,
+    alpha: float = 0.2,
+    channels_last: bool = True,
+):
+    """`act(x * scale + shift + residual)` per channel, differentiable.
+
+    Args:
+        x: 4D float tensor (NHWC when `channels_last`, else NCHW).
+        scale: per-channel scale, shape `(C,)`, or None for 1; float64 for
+            float64 `x`, float32 otherwise (cast if it is not).
+        shift: per-channel shift, like `scale` (not None).
+        residual: tensor of the shape and dtype of `x`, or None.
+        activation: int code of the activation (see `ACTIVATIONS`) or its name.
+        alpha: negative slope of `leaky_relu`. Defaults to `0.2`.
+        channels_last: the layout of `x`. Defaults to `True`.
+
+    Returns:
+        A tensor like `x`.
+
+    Raises:
+        NativeUnavailable: the library cannot be loaded.
+        ValueError: bad shapes, dtypes, devices or arguments.
+    """
+    import torch
+
+    if not _state["loaded"]:  # a constant check, so that torch.compile traces through
+        load()
+    param = _param_dtype(x.dtype)
+    if shift is None:
+        raise ValueError("`shift` must be a tensor of shape (C,). Received: shift=None")
+    return torch.ops.keras_residual.scale_shift_add_act(
+        x,
+        None if scale is None else scale.to(param),
+        shift.to(param),
+        residual,
+        _activation_code(activation),
+        float(alpha),
+        bool(channels_last),
+    )
