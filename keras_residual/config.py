@@ -24,6 +24,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 IMPLEMENTATIONS = ("auto", "native", "composite")
@@ -63,3 +64,25 @@ def set_implementation(implementation: str) -> None:
     """
     global _implementation
     _implementation = _check(implementation)
+
+
+@contextlib.contextmanager
+def implementation_scope(implementation: str):
+    """Sets the global implementation inside a `with` block.
+
+    Args:
+        implementation: `"auto"`, `"native"` or `"composite"`.
+
+    Examples:
+
+    >>> from keras_residual import config
+    >>> with config.implementation_scope("composite"):
+    ...     config.get_implementation()
+    'composite'
+    """
+    previous = get_implementation()
+    set_implementation(implementation)
+    try:
+        yield
+    finally:
+        set_implementation(previous)

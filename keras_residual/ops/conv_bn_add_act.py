@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import keras
 from keras import ops
 
@@ -86,7 +88,11 @@ def conv_bn_add_act(
             means native where the active backend has an adapter and the
             device and call fit it, composite elsewhere (with one warning if
             the adapter fails to build). `"native"` raises `NativeUnavailable`
-            with the reason if it cannot run. A global setting of
+            with the reason if it cannot run. Graphs that cannot hold a
+            custom op use the composite path whatever was asked: XLA
+            (`jit_compile=True`; Keras turns XLA off on CPU-only TensorFlow),
+            a TensorFlow SavedModel export (so exported graphs contain only
+            built-in ops) and symbolic shape inference. A global setting of
             `"composite"` (`KERAS_RESIDUAL_IMPLEMENTATION=composite`) turns
             the native path off everywhere. Defaults to `"auto"`.
 
@@ -241,12 +247,14 @@ def _validate_residual(residual, x):
 def _native_adapter(implementation, x, activation_name, synchronized, data_format):
     """The adapter module to run this call natively, or None for composite."""
     requested = config.get_implementation() if implementation == "auto" else implementation
-    if config.get_implementation() == "composite":
-        return None
-    if requested == "composite":
+    if config.get_implementation() == "composite" or requested == "composite":
         return None
     backend = keras.config.backend()
-    reason = _unsupported_reason(backend, x, activation_name, synchronized)
+    if _graph_without_custom_ops(backend, x):
+        # Symbolic shape inference, XLA and SavedModel export: these graphs
+        # cannot hold (or need not run) a custom op, whatever was asked for.
+        return None
+    reason = _unsupported_reason(backend, activation_name, synchronized)
     if reason is None:
         try:
             adapter = native_lib.adapter(backend)
@@ -256,35 +264,54 @@ def _native_adapter(implementation, x, activation_name, synchronized, data_forma
             if backend in native_lib.ADAPTERS:
                 native_lib.warn_unavailable(backend, str(error))
             return None
-        reason = _device_reason(adapter, x)
-        if reason is None:
+        device = getattr(x, "device", "")
+        if adapter.supports(device):
             return adapter
+        reason = f"no native kernel for device {device!r} on {backend}"
     if requested == "native":
         raise NativeUnavailable(f"implementation='native' cannot run this call: {reason}")
     return None
 
 
-def _unsupported_reason(backend, x, activation_name, synchronized):
+def _unsupported_reason(backend, activation_name, synchronized):
     if not isinstance(activation_name, str) or activation_name not in NATIVE_ACTIVATIONS:
         return f"activation {activation_name!r} has no native kernel"
     if synchronized:
         return "synchronized batch statistics run on the composite path"
     if backend not in native_lib.ADAPTERS:
         return native_lib.NO_ADAPTER.get(backend, f"no native adapter for {backend}")
-    if backend == "torch" and str(getattr(x, "device", "")) == "meta":
-        return "symbolic (meta) tensors"
+    return None
+
+
+def _graph_without_custom_ops(backend, x) -> bool:
     if isinstance(x, keras.KerasTensor):
-        return "symbolic tensors"
-    return None
+        return True
+    if backend == "torch":
+        return str(getattr(x, "device", "")) == "meta"
+    if backend == "tensorflow":
+        from keras_residual.native import _tensorflow
+
+        return _tensorflow.in_xla_context() or _tracing_for_export()
+    return False
 
 
-def _device_reason(adapter, x):
-    if keras.config.backend() == "tensorflow" and adapter.in_xla_context():
-        return "a TensorFlow custom op cannot run under XLA (jit_compile)"
-    device = getattr(x, "device", "")
-    if not adapter.supports(device):
-        return f"no native kernel for device {device!r} on {keras.config.backend()}"
-    return None
+def _tracing_for_export() -> bool:
+    """Whether TensorFlow is tracing this call for a SavedModel export.
+
+    Checked only while tracing a graph (never per step): Keras' `export()`,
+    `ExportArchive` and `tf.saved_model.save` trace from their own modules.
+    """
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename.replace("\\", "/")
+        if "/keras/src/export/" in filename or "/tensorflow/python/saved_model/" in filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 # -- the two paths ----------------------------------------------------------------

@@ -1,0 +1,298 @@
+"""The native path against the composite one, through Keras, on the active backend.
+
+Skipped, with the reason, where the active backend has no native adapter
+(JAX) or it cannot be built here.
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_residual
+from keras_residual import BottleneckBlock, ResidualBlock, native
+from keras_residual.ops import conv_bn_add_act
+from tests.helpers import run_fresh_python
+
+BACKEND = keras.config.backend()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _native_adapter():
+    if BACKEND not in native.ADAPTERS:
+        pytest.skip(f"no native adapter on the {BACKEND} backend (composite only)")
+    try:
+        native.adapter(BACKEND)
+    except native.NativeUnavailable as error:
+        pytest.skip(f"native adapter unavailable here: {str(error).splitlines()[0]}")
+
+
+def _np(x):
+    return ops.convert_to_numpy(ops.cast(x, "float32"))
+
+
+def _formats():
+    return ["channels_last"] if BACKEND == "tensorflow" else ["channels_last", "channels_first"]
+
+
+def _case(shape, filters, data_format, dtype, seed=0, kernel_size=3):
+    rng = np.random.default_rng(seed)
+    n, h, w, c = shape
+    x = rng.normal(size=shape)
+    if data_format == "channels_first":
+        x = x.transpose(0, 3, 1, 2)
+    args = dict(
+        inputs=ops.cast(x.astype("float32"), dtype),
+        kernel=ops.cast(rng.normal(0, 0.3, size=(kernel_size, kernel_size, c, filters))
+                        .astype("float32"), dtype),
+        gamma=rng.uniform(0.5, 1.5, filters).astype("float32"),
+        beta=rng.normal(0, 0.2, filters).astype("float32"),
+        moving_mean=rng.normal(0, 0.2, filters).astype("float32"),
+        moving_variance=rng.uniform(0.5, 2.0, filters).astype("float32"),
+        bias=rng.normal(0, 0.2, filters).astype("float32"),
+        data_format=data_format,
+    )
+    out_shape = (n, h, w, filters) if data_format == "channels_last" else (n, filters, h, w)
+    residual = ops.cast(rng.normal(size=out_shape).astype("float32"), dtype)
+    return args, residual
+
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+
+
+@pytest.mark.parametrize("data_format", _formats())
+@pytest.mark.parametrize("activation", ["linear", "relu", "leaky_relu", "relu6", "silu", "gelu"])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("training", [False, True])
+def test_native_equals_composite(data_format, activation, with_residual, training):
+    args, residual = _case((2, 5, 5, 3), 7, data_format, "float32")
+    residual = residual if with_residual else None
+    results = [
+        conv_bn_add_act(residual=residual, activation=activation, training=training,
+                        implementation=implementation, **args)
+        for implementation in ("native", "composite")
+    ]
+    if not training:
+        results = [[result] for result in results]
+    for native_value, composite_value in zip(*results, strict=True):
+        np.testing.assert_allclose(_np(native_value), _np(composite_value), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("training", [False, True])
+def test_native_equals_composite_in_low_precision(dtype, training):
+    args, residual = _case((2, 4, 4, 8), 16, "channels_last", dtype, seed=3)
+    results = [
+        conv_bn_add_act(residual=residual, training=training, implementation=implementation,
+                        **args)
+        for implementation in ("native", "composite")
+    ]
+    native_y = results[0][0] if training else results[0]
+    composite_y = results[1][0] if training else results[1]
+    assert keras.backend.standardize_dtype(native_y.dtype) == dtype
+    np.testing.assert_allclose(_np(native_y), _np(composite_y), rtol=TOLERANCE[dtype],
+                               atol=TOLERANCE[dtype] * 4)
+
+
+@pytest.mark.parametrize("shape, filters, kernel_size", [
+    ((1, 1, 1, 3), 5, 1),    # 1x1 spatial, batch 1
+    ((1, 3, 2, 2), 17, 3),   # channels not a multiple of a vector width
+    ((3, 7, 5, 4), 33, 1),
+])
+def test_native_equals_composite_on_odd_shapes(shape, filters, kernel_size):
+    args, residual = _case(shape, filters, "channels_last", "float32", seed=4,
+                           kernel_size=kernel_size)
+    for training in (False, True):
+        native_y = conv_bn_add_act(residual=residual, training=training,
+                                   implementation="native", **args)
+        composite_y = conv_bn_add_act(residual=residual, training=training,
+                                      implementation="composite", **args)
+        if training:
+            native_y, composite_y = native_y[0], composite_y[0]
+        np.testing.assert_allclose(_np(native_y), _np(composite_y), rtol=1e-4, atol=1e-4)
+
+
+def _block_pair(block_cls, filters, input_shape, **kwargs):
+    blocks = []
+    for implementation in ("native", "composite"):
+        block = block_cls(filters, implementation=implementation, **kwargs)
+        block.build(input_shape)
+        blocks.append(block)
+    blocks[1].set_weights(blocks[0].get_weights())
+    return blocks
+
+
+@pytest.mark.parametrize("block_cls, filters", [(ResidualBlock, 8), (BottleneckBlock, 4)])
+def test_blocks_update_moving_statistics_the_same(block_cls, filters):
+    x = np.random.default_rng(5).normal(1.0, 2.0, size=(4, 8, 8, 8)).astype("float32")
+    native_block, composite_block = _block_pair(block_cls, filters, x.shape, strides=2)
+    for _ in range(2):
+        native_out = native_block(x, training=True)
+        composite_out = composite_block(x, training=True)
+    np.testing.assert_allclose(_np(native_out), _np(composite_out), rtol=1e-4, atol=1e-4)
+    for a, b in zip(native_block.non_trainable_weights, composite_block.non_trainable_weights,
+                    strict=True):
+        assert a.path == b.path.replace(composite_block.name, native_block.name)
+        np.testing.assert_allclose(_np(a), _np(b), rtol=1e-5, atol=1e-5)
+
+
+def _small_model(implementation, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(8, 3, padding="same"),
+        ResidualBlock(8, implementation=implementation, activation="silu"),
+        BottleneckBlock(4, strides=2, implementation=implementation),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3),
+    ])
+
+
+def test_training_steps_end_with_equal_weights():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(8, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, size=(8,))
+    models = []
+    for implementation in ("native", "composite"):
+        model = _small_model(implementation)
+        model.compile(optimizer=keras.optimizers.SGD(0.05),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        losses = [float(model.train_on_batch(x, y)) for _ in range(4)]
+        models.append((model, losses))
+    (native_model, native_losses), (composite_model, composite_losses) = models
+    np.testing.assert_allclose(native_losses, composite_losses, rtol=1e-4)
+    for a, b in zip(native_model.weights, composite_model.weights, strict=True):
+        np.testing.assert_allclose(_np(a), _np(b), rtol=1e-3, atol=1e-4, err_msg=a.path)
+
+
+def test_a_native_model_file_loads_and_predicts_with_composite(tmp_path):
+    model = _small_model("native")
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(7)
+    model.fit(rng.normal(size=(8, 8, 8, 3)), rng.normal(size=(8, 3)), epochs=1, verbose=0)
+    x = rng.normal(size=(2, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "expected.npy", _np(model.predict(x, verbose=0)))
+    model.save(tmp_path / "model.keras")
+    code = """
+        import sys
+        import numpy as np, keras
+        import keras_residual
+        model = keras.saving.load_model(sys.argv[1] + "/model.keras")
+        got = model.predict(np.load(sys.argv[1] + "/x.npy"), verbose=0)
+        np.testing.assert_allclose(got, np.load(sys.argv[1] + "/expected.npy"), rtol=1e-4,
+                                   atol=1e-5)
+        print("implementation", model.layers[1].implementation)
+    """
+    # No native code at all in the loading process: a global "composite"
+    # and no compiler on the PATH.
+    out = run_fresh_python(code, tmp_path, env={"KERAS_RESIDUAL_IMPLEMENTATION": "composite",
+                                                "CXX": "no-such-compiler",
+                                                "KERAS_RESIDUAL_CACHE_DIR": str(tmp_path / "c")})
+    assert "implementation native" in out
+
+
+def test_fold_batchnorm_runs_the_native_epilogue():
+    model = keras_residual.ResNet18(input_shape=(32, 32, 3), classes=5, implementation="native")
+    from tests.helpers import randomize_bn_statistics
+
+    randomize_bn_statistics(model, seed=8)
+    folded = keras_residual.fold_batchnorm(model)
+    assert folded.implementation == "native" and folded.folded
+    x = np.random.default_rng(9).normal(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(_np(folded(x, training=False)), _np(model(x, training=False)),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow SavedModel export")
+def test_exported_graph_holds_only_builtin_ops(tmp_path):
+    model = keras_residual.ResNet18(input_shape=(32, 32, 3), classes=5, implementation="native")
+    x = np.random.default_rng(10).normal(size=(1, 32, 32, 3)).astype("float32")
+    expected = _np(model(x, training=False))
+    model.export(str(tmp_path / "exported"), verbose=False)
+    graph = (tmp_path / "exported" / "saved_model.pb").read_bytes()
+    assert b"KerasResidual" not in graph
+    import tensorflow as tf
+
+    reloaded = tf.saved_model.load(str(tmp_path / "exported"))
+    np.testing.assert_allclose(reloaded.serve(x).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA choice of the TensorFlow adapter")
+def test_auto_uses_composite_under_xla_and_native_outside():
+    import tensorflow as tf
+
+    args, residual = _case((2, 4, 4, 3), 4, "channels_last", "float32")
+    expected = _np(conv_bn_add_act(residual=residual, implementation="composite", **args))
+
+    @tf.function(jit_compile=True)
+    def compiled():
+        return conv_bn_add_act(residual=residual, implementation="auto", **args)
+
+    np.testing.assert_allclose(compiled().numpy(), expected, rtol=1e-4, atol=1e-5)
+    graph = compiled.get_concrete_function().graph.as_graph_def()
+    assert not [node.op for node in graph.node if node.op.startswith("KerasResidual")]
+
+    @tf.function
+    def plain():
+        return conv_bn_add_act(residual=residual, implementation="auto", **args)
+
+    graph = plain.get_concrete_function().graph.as_graph_def()
+    assert [node.op for node in graph.node if node.op.startswith("KerasResidual")]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute.MirroredStrategy")
+def test_native_blocks_train_under_mirrored_strategy():
+    code = """
+        import numpy as np, tensorflow as tf, keras
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration()] * 2)
+        from keras_residual import ResidualBlock
+        x = np.random.default_rng(0).normal(size=(8, 6, 6, 4)).astype("float32")
+        y = np.random.default_rng(1).normal(size=(8, 6, 6, 4)).astype("float32")
+        results = []
+        for implementation in ("native", "composite"):
+            keras.utils.set_random_seed(0)
+            with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+                model = keras.Sequential([keras.Input((6, 6, 4)),
+                                          ResidualBlock(4, implementation=implementation)])
+                model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+            loss = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history["loss"]
+            results.append((loss, [w.numpy() for w in model.weights]))
+        np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4)
+        for a, b in zip(results[0][1], results[1][1]):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+        print("ok", results[0][0])
+    """
+    assert "ok" in run_fresh_python(code)
+
+
+def test_native_blocks_under_mixed_bfloat16():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x = np.random.default_rng(11).normal(size=(2, 6, 6, 8)).astype("float32")
+    native_block, composite_block = _block_pair(ResidualBlock, 8, x.shape)
+    for training in (False, True):
+        a, b = native_block(x, training=training), composite_block(x, training=training)
+        assert keras.backend.standardize_dtype(a.dtype) == "bfloat16"
+        np.testing.assert_allclose(_np(a), _np(b), rtol=5e-2, atol=1e-1)
+    assert all(w.dtype == "float32" for w in native_block.weights)
+
+
+def test_environment_composite_turns_the_native_path_off():
+    code = """
+        import numpy as np
+        from keras_residual import native, ops
+        x = np.ones((1, 2, 2, 1), "float32")
+        k = np.ones((1, 1, 1, 1), "float32")
+        o = np.ones(1, "float32")
+        ops.conv_bn_add_act(x, k, o, o, o, o, implementation="auto")
+        print("loaded", sorted(native._loaded))
+    """
+    out = run_fresh_python(code, env={"KERAS_RESIDUAL_IMPLEMENTATION": "composite"})
+    assert "loaded []" in out
+    if os.environ.get("KERAS_RESIDUAL_IMPLEMENTATION", "auto") == "auto":
+        out = run_fresh_python(code)
+        assert f"loaded ['{BACKEND}']" in out
