@@ -51,9 +51,14 @@ flags=(
   -gencode arch=compute_90,code=sm_90
   -Werror all-warnings
   -Xcompiler -Wall,-Wextra,-Wno-unused-parameter,-Werror
+  # as torch.utils.cpp_extension compiles them: no implicit half / bfloat16
+  # operators or conversions
+  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+  -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
 )
 
 echo "nvcc: $("$nvcc" --version | tail -n 1)"
+echo "command: $nvcc ${flags[*]} <source> -o <object>"
 status=0
 for src in "${sources[@]}"; do
   obj="$out/$(echo "$src" | tr '/' '_').o"
