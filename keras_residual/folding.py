@@ -40,6 +40,7 @@ def fold_batchnorm(model):
     Examples:
 
     >>> import numpy as np
+    >>> from keras_residual import ResidualBlock
     >>> model = keras.Sequential([keras.Input((8, 8, 16)), ResidualBlock(16)])
     >>> folded = fold_batchnorm(model)
     >>> x = np.random.rand(2, 8, 8, 16).astype("float32")
