@@ -31,6 +31,7 @@ RECORD_KEYS = {
 }
 
 
+@pytest.mark.slow
 def test_block_run_writes_every_row_of_both_modes(tmp_path):
     keras.config.set_dtype_policy("float32")
     status = cli.main(
