@@ -123,9 +123,7 @@ def _compile_in_subprocess(
         "build_dir": str(build_dir),
         "out_path": str(out_path),
         "cflags": cflags,
-        "cuda_cflags": ["-O3", "-DNDEBUG", "--use_fast_math", "-DKERAS_RESIDUAL_WITH_CUDA"]
-        if with_cuda
-        else [],
+        "cuda_cflags": ["-O3", "-DNDEBUG", "-DKERAS_RESIDUAL_WITH_CUDA"] if with_cuda else [],
         "include": [str(_build.CSRC / "include"), str(_build.CSRC / "torch")],
     }
     script = (
