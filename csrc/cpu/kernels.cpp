@@ -7,9 +7,8 @@
 //         vectorise. Reductions keep per-thread per-channel accumulators that
 //         are combined, in thread order, at the end.
 //   NCHW  the tensor is n * c planes of hw contiguous values of one channel.
-//         Threads take contiguous ranges of planes; reductions use a few
-//         independent lanes inside a plane, then per-plane partials that are
-//         combined per channel, in plane order, at the end.
+//         Threads take contiguous ranges of channels and walk their n planes;
+//         reductions keep per-value accumulators folded once per channel.
 // Results are deterministic for a given thread count.
 //
 // Numerics: values are converted to the parameter type (float, or double for
@@ -21,6 +20,16 @@
 //
 // Threads: a plain std::thread fork/join per call (no OpenMP, no pool that
 // would survive a fork()). Small tensors run on the calling thread.
+
+// GCC keeps loops whose floating-point operations depend on a comparison (the
+// relu family's gradients, the float16 conversions) scalar while it assumes
+// that floating-point exceptions can trap; nothing here reads the exception
+// flags. Set before the includes, so that the inline functions of the
+// standard headers get the same options and still inline.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include "keras_residual/kernels.h"
 
 #include <algorithm>
@@ -75,7 +84,7 @@ KR_INLINE float half_to_float(uint16_t h) {
 
 // float -> IEEE half, round to nearest even, overflow to inf, NaN kept quiet.
 KR_INLINE uint16_t float_to_half(float f) {
-  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  float base = (bits_float(float_bits(f) & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
   const uint32_t w = float_bits(f);
   const uint32_t shl1_w = w + w;
   const uint32_t sign = w & 0x80000000u;
@@ -126,6 +135,47 @@ struct BF16 {
 
 // ------------------------------------------------------------ activations --
 
+// exp and the normal CDF for the float paths, written without calls or
+// branches so that silu and gelu loops vectorise. exp: Cephes' expf
+// polynomial (relative error < 1e-7 on [-87, 88]; the argument is clamped
+// there, NaN propagates). The CDF comes from erfc by the Chebyshev fit of
+// Numerical Recipes (erfcc, fractional error < 1.2e-7), so its absolute error
+// stays below 2e-7. float64 uses the C library.
+KR_INLINE float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float fn = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(fn);
+  return y * bits_float(static_cast<uint32_t>(n + 127) << 23);
+}
+KR_INLINE double exp_approx(double x) { return std::exp(x); }
+
+KR_INLINE float normal_cdf(float z) {
+  const float u = bits_float(float_bits(z) & 0x7FFFFFFFu) * 0.70710678118654752440f;  // |z| / sqrt(2)
+  const float t = 1.0f / (1.0f + 0.5f * u);
+  float p = 0.17087277f;
+  p = p * t - 0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t - 1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t - 0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t - 1.26551223f;
+  const float tail = 0.5f * t * exp_approx(p - u * u);  // P(N > |z|)
+  return z > 0.0f ? 1.0f - tail : tail;
+}
+KR_INLINE double normal_cdf(double z) { return 0.5 * std::erfc(-z * 0.70710678118654752440); }
+
 template <Activation A, typename P>
 KR_INLINE P act_forward(P z, P alpha) {
   if constexpr (A == Activation::kLinear) {
@@ -138,9 +188,9 @@ KR_INLINE P act_forward(P z, P alpha) {
     const P r = z > P(0) ? z : P(0);
     return r < P(6) ? r : P(6);
   } else if constexpr (A == Activation::kSilu) {
-    return z / (P(1) + std::exp(-z));
-  } else {  // kGelu, exact
-    return P(0.5) * z * (P(1) + std::erf(z * P(0.70710678118654752440)));
+    return z / (P(1) + exp_approx(-z));
+  } else {  // kGelu, exact: z * Phi(z)
+    return z * normal_cdf(z);
   }
 }
 
@@ -156,12 +206,11 @@ KR_INLINE P act_grad(P z, P alpha) {
   } else if constexpr (A == Activation::kRelu6) {
     return (z > P(0) && z < P(6)) ? P(1) : P(0);
   } else if constexpr (A == Activation::kSilu) {
-    const P s = P(1) / (P(1) + std::exp(-z));
+    const P s = P(1) / (P(1) + exp_approx(-z));
     return s * (P(1) + z * (P(1) - s));
   } else {  // kGelu: Phi(z) + z * phi(z)
-    const P cdf = P(0.5) * (P(1) + std::erf(z * P(0.70710678118654752440)));
-    const P pdf = std::exp(P(-0.5) * z * z) * P(0.39894228040143267794);
-    return cdf + z * pdf;
+    const P pdf = exp_approx(P(-0.5) * z * z) * P(0.39894228040143267794);
+    return normal_cdf(z) + z * pdf;
   }
 }
 
@@ -231,9 +280,6 @@ void parallel_for(int64_t tasks, int nt, const F& f) {
   for (auto& th : threads) th.join();
 }
 
-// Lanes of the in-plane (NCHW) reductions: independent accumulators the
-// compiler can keep in vector registers without reassociating.
-constexpr int kLanes = 8;
 
 // ------------------------------------------------------------------ tiles --
 //
@@ -248,6 +294,20 @@ constexpr int kLanes = 8;
 
 constexpr int64_t kTile = 1024;
 
+// Sum of a[0, len), in kLanes independent partial sums (vectorisable).
+constexpr int kLanes = 8;
+inline double fold(const double* KR_RESTRICT a, int64_t len) {
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l];
+  }
+  for (; i < len; ++i) lanes[0] += a[i];
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
 // Cuts a tensor into tiles and hands each tile, with its parameter and
 // accumulator arrays, to `tile`:
 //   tile(int64_t offset, int64_t len, const P* const* params, double* const* acc, P* scratch)
@@ -256,13 +316,15 @@ constexpr int64_t kTile = 1024;
 //   NHWC, c <= kTile: tiles of whole rows; parameters replicated across the
 //     rows of a tile; per-thread accumulators folded per channel at the end.
 //   NHWC, c > kTile: tiles are segments of a row.
-//   NCHW: tiles are segments of a plane; parameters broadcast per plane;
-//     accumulators folded per plane.
+//   NCHW: threads own channels; tiles are segments of the channel's planes;
+//     parameters broadcast per channel; accumulators folded per channel.
+//     (n, c, 1, 1) is handled as NHWC, which it is in memory.
 template <class P, int NP, int NA, class Tile>
 void for_each_tile(Shape s, const P* const* params, double* const* totals,
                    const Tile& tile) {
-  const int64_t c = s.c, hw = s.hw, m = s.m();
   if (s.size() == 0) return;
+  if (s.hw == 1) s.channels_last = true;  // (n, c, 1, 1) is laid out as (n, 1, 1, c)
+  const int64_t c = s.c, hw = s.hw, m = s.m();
   constexpr int kNA = NA > 0 ? NA : 1;
   constexpr int kNP = NP > 0 ? NP : 1;
   if (s.channels_last && c <= kTile) {
@@ -314,11 +376,11 @@ void for_each_tile(Shape s, const P* const* params, double* const* totals,
       for (int k = 0; k < NA; ++k)
         for (int64_t j = 0; j < c; ++j) totals[k][j] += part[(size_t(t) * kNA + k) * c + j];
   } else {
-    const int64_t planes = s.n * c;
+    // Threads own whole channels and walk their n planes, so that the
+    // per-value accumulators are folded once per channel.
     const int64_t width = std::min(hw, kTile);
-    const int nt = plan_threads(planes, hw);
-    std::vector<double> part(size_t(planes) * kNA, 0.0);
-    parallel_for(planes, nt, [&](int64_t p0, int64_t p1, int) {
+    const int nt = plan_threads(c, s.n * hw);
+    parallel_for(c, nt, [&](int64_t c0, int64_t c1, int) {
       std::vector<P> bcast(size_t(kNP) * width);
       std::vector<double> accv(size_t(kNA) * width);
       const P* prm[kNP] = {};
@@ -326,22 +388,20 @@ void for_each_tile(Shape s, const P* const* params, double* const* totals,
       for (int k = 0; k < NP; ++k) prm[k] = bcast.data() + size_t(k) * width;
       for (int k = 0; k < NA; ++k) acc[k] = accv.data() + size_t(k) * width;
       alignas(64) P scratch[kTile];
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t ch = p % c;
-        for (int k = 0; k < NP; ++k) std::fill_n(bcast.data() + size_t(k) * width, width, params[k][ch]);
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        for (int k = 0; k < NP; ++k) {
+          std::fill_n(bcast.data() + size_t(k) * width, width, params[k][ch]);
+        }
         if (NA > 0) std::fill(accv.begin(), accv.end(), 0.0);
-        for (int64_t i0 = 0; i0 < hw; i0 += kTile) {
-          tile(p * hw + i0, std::min(kTile, hw - i0), prm, acc, scratch);
+        for (int64_t b = 0; b < s.n; ++b) {
+          const int64_t base = (b * c + ch) * hw;
+          for (int64_t i0 = 0; i0 < hw; i0 += kTile) {
+            tile(base + i0, std::min(kTile, hw - i0), prm, acc, scratch);
+          }
         }
-        for (int k = 0; k < NA; ++k) {
-          double sum = 0.0;
-          for (int64_t i = 0; i < width; ++i) sum += acc[k][i];
-          part[size_t(p) * kNA + k] = sum;
-        }
+        for (int k = 0; k < NA; ++k) totals[k][ch] = fold(acc[k], width);
       }
     });
-    for (int64_t p = 0; p < planes; ++p)
-      for (int k = 0; k < NA; ++k) totals[k][p % c] += part[size_t(p) * kNA + k];
   }
 }
 
@@ -397,13 +457,6 @@ KR_INLINE void tile_out_store(void* base, int64_t offset, int64_t len,
 }
 
 // ---------------------------------------------------------- tile kernels --
-
-// GCC keeps loops whose floating-point operations depend on a comparison (the
-// relu family's gradients) scalar while it assumes floating-point exceptions
-// can trap; nothing here reads the exception flags.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
 
 // Statistics around the shift k: s += x - k, q += (x - k)^2.
 template <class P>
