@@ -216,15 +216,16 @@ def build(with_cuda: bool | None = None, rebuild: bool = False) -> Path:
 
 
 def _build_with_fallback() -> Path:
+    """build(), and if that fails with the CUDA kernels in, a CPU-only build."""
+    with_cuda = _cuda_plan()[0] is not None
     try:
         return build()
     except _build.NativeUnavailable as error:
-        if _state["cuda_archs"] is None and not _cuda_plan()[0]:
+        if not with_cuda:
             raise
-        # The CUDA part failed to compile: the CPU ops are still worth having.
-        cuda_error = str(error)
+        # The CUDA part may be what failed: the CPU ops are still worth having.
         path = build(with_cuda=False)
-        _state["cuda_reason"] = f"compiling the CUDA kernels failed: {cuda_error}"
+        _state["cuda_reason"] = f"compiling the CUDA kernels failed: {error}"
         return path
 
 
@@ -272,7 +273,8 @@ def status() -> dict:
     Returns:
         A dict with `built`, `loaded`, `reason` (why not, or None), `path`,
         `cuda_compiled`, `cuda_archs`, `cuda_reason` (why CUDA is not
-        compiled in, or None), `build_info` and `torch`.
+        compiled in, or None), `build_info`, `torch` and `build_seconds`
+        (of the cached build).
     """
     try:
         import torch
@@ -283,13 +285,17 @@ def status() -> dict:
     return {
         "built": _state["built"],
         "loaded": _state["loaded"],
-        "reason": _state["reason"],
+        "reason": _state["reason"]
+        or (None if _state["loaded"] else "not loaded yet (it is compiled on first use)"),
         "path": _state["path"],
         "cuda_compiled": _state["cuda_compiled"],
         "cuda_archs": _state["cuda_archs"],
         "cuda_reason": None if _state["cuda_compiled"] else _state["cuda_reason"],
         "build_info": _state["build_info"],
         "torch": torch_version,
+        "build_seconds": _build.read_record(Path(_state["path"])).get("build_seconds")
+        if _state["path"]
+        else None,
     }
 
 

@@ -530,6 +530,30 @@ def test_cuda_build_refused_without_cuda_torch():
         _torch.build(with_cuda=True)
 
 
+def test_cuda_compile_failure_falls_back_to_cpu(monkeypatch):
+    """When the build with the CUDA kernels fails, a CPU-only build is used and why is kept."""
+    built = []
+
+    def fake_build_library(target, sources, framework_version, compile, extra_key="", **kwargs):
+        with_cuda = any(path.name == "ops_cuda.cpp" for path in sources)
+        built.append(with_cuda)
+        if with_cuda:
+            raise _build.NativeUnavailable("nvcc: fatal error: no such architecture")
+        return _build.CSRC / "libtorch_ops.so"
+
+    monkeypatch.setattr(_torch, "_cuda_plan", lambda: ("9.0+PTX", None))
+    monkeypatch.setattr(_torch._build, "build_library", fake_build_library)
+    saved = dict(_torch._state)
+    try:
+        path = _torch._build_with_fallback()
+        assert path == _build.CSRC / "libtorch_ops.so"
+        assert built == [True, False]
+        assert not _torch._state["cuda_compiled"]
+        assert "no such architecture" in _torch._state["cuda_reason"]
+    finally:
+        _torch._state.update(saved)
+
+
 @pytest.mark.slow
 def test_fresh_process_loads_the_cached_library(ops):
     """A second process finds the cached library and reports the same build."""
