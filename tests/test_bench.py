@@ -130,9 +130,9 @@ def test_quick_fills_only_what_is_not_given(monkeypatch):
         "model": "resnet18",
         "batch_size": 8,
         "image_size": 64,
-        "repeats": 3,
+        "repeats": 5,
         "steps": 2,
-        "warmup": 1,
+        "warmup": 2,
         "out": "x",
     }
     seen.clear()

@@ -42,9 +42,9 @@ QUICK = {
     "model": "resnet18",
     "batch_size": 4,
     "image_size": 64,
-    "repeats": 3,
+    "repeats": 5,
     "steps": 2,
-    "warmup": 1,
+    "warmup": 2,
 }
 DEFAULTS = {
     "model": "resnet50",
@@ -361,6 +361,7 @@ def _build_rows(labels, model, image_size, data_format, jit, log):
             jit_compile=jit,
         )
         row.build_seconds = time.perf_counter() - start
+        log(f"  built in {row.build_seconds:.1f} s")
         row.notes["params"] = int(row.model.count_params())
         row.notes["jit_compile"] = bool(row.model.jit_compile)
     return rows
