@@ -312,6 +312,8 @@ def run(
     if out is not None:
         paths = _report.write(results, out)
         log(f"wrote {', '.join(paths.values())}")
+        if "chart" not in paths:
+            log("no results.png: matplotlib is not installed (pip install 'keras_residual[bench]')")
         print(_report.markdown(results))
     return results
 

@@ -140,7 +140,11 @@ def chart(results: dict, path: str) -> None:
 
 
 def write(results: dict, out_dir: str) -> dict:
-    """Writes the three files; returns their paths."""
+    """Writes the three files; returns their paths.
+
+    `results.png` needs matplotlib (the `bench` extra); without it the
+    chart is left out of the returned paths and not written.
+    """
     os.makedirs(out_dir, exist_ok=True)
     paths = {
         "json": os.path.join(out_dir, "results.json"),
@@ -152,5 +156,11 @@ def write(results: dict, out_dir: str) -> dict:
         handle.write("\n")
     with open(paths["markdown"], "w", encoding="utf-8") as handle:
         handle.write(markdown(results))
-    chart(results, paths["chart"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        # The chart is the one output that needs an optional dependency.
+        del paths["chart"]
+    else:
+        chart(results, paths["chart"])
     return paths
