@@ -59,8 +59,15 @@ def _tensorflow_variants(arrays):
         def step():
             with tf.GradientTape() as tape:
                 y, _, _ = conv_bn_add_act(
-                    v["x"], v["kernel"], v["gamma"], v["beta"], zeros, ones, v["residual"],
-                    training=True, implementation=implementation,
+                    v["x"],
+                    v["kernel"],
+                    v["gamma"],
+                    v["beta"],
+                    zeros,
+                    ones,
+                    v["residual"],
+                    training=True,
+                    implementation=implementation,
                 )
                 loss = tf.reduce_sum(y)
             return tape.gradient(loss, list(v.values()))
@@ -81,8 +88,15 @@ def _torch_variants(arrays):
     def make(implementation):
         def step():
             y, _, _ = conv_bn_add_act(
-                t["x"], t["kernel"], t["gamma"], t["beta"], zeros, ones, t["residual"],
-                training=True, implementation=implementation,
+                t["x"],
+                t["kernel"],
+                t["gamma"],
+                t["beta"],
+                zeros,
+                ones,
+                t["residual"],
+                training=True,
+                implementation=implementation,
             )
             grads = torch.autograd.grad(y.sum(), list(t.values()))
             return grads[0]
@@ -137,15 +151,21 @@ def main(argv=None) -> int:
             name: medians[name] / medians["native"] for name in medians if name != "native"
         }
         records.append(record)
-        print(f"{backend:10s} {case:32s} " + "  ".join(
-            f"{name} {ms:7.2f} ms" for name, ms in medians.items()
-        ) + "  | native speedup: " + ", ".join(
-            f"{name} {ratio:.2f}x" for name, ratio in record["native_speedup_vs"].items()
-        ))
+        print(
+            f"{backend:10s} {case:32s} "
+            + "  ".join(f"{name} {ms:7.2f} ms" for name, ms in medians.items())
+            + "  | native speedup: "
+            + ", ".join(
+                f"{name} {ratio:.2f}x" for name, ratio in record["native_speedup_vs"].items()
+            )
+        )
     if args.out:
         result = {
-            "host": {"machine": platform.machine(), "processor": platform.processor(),
-                     "cores": os.cpu_count()},
+            "host": {
+                "machine": platform.machine(),
+                "processor": platform.processor(),
+                "cores": os.cpu_count(),
+            },
             "versions": {"python": platform.python_version(), "keras": keras.__version__},
             "repeats": args.repeats,
             "records": records,

@@ -43,6 +43,7 @@ def test_model(benchmark, network, mode, implementation):
     model = _model(implementation)
     x = random((BATCH, SIZE, SIZE, 3), seed=1, low=0.0, high=1.0)
     y = np.random.default_rng(2).integers(0, CLASSES, size=(BATCH,)).astype("int32")
+    x, y = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)  # on the device once
     benchmark.extra_info.update({"batch": BATCH, "size": SIZE, "full": FULL})
     if mode == "inference":
         result = measure(benchmark, lambda: model.predict_on_batch(x))
