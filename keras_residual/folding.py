@@ -87,7 +87,8 @@ def _input_shape(block):
         return next(iter(shapes.values()))
     spec = block.input_spec
     raise ValueError(
-        f"cannot tell the input shape of the built block {block.name!r}. Received: input_spec={spec}"
+        f"cannot tell the input shape of the built block {block.name!r}. "
+        f"Received: input_spec={spec}"
     )
 
 

@@ -21,7 +21,8 @@ def _close(a, b):
 
 def _batchnorms(model):
     return [
-        layer for layer in model._flatten_layers(include_self=False)
+        layer
+        for layer in model._flatten_layers(include_self=False)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
 
@@ -40,14 +41,16 @@ def test_fold_a_resnet18():
 
 
 def test_fold_a_sequential_of_blocks_keeps_other_layers_and_their_weights():
-    model = keras.Sequential([
-        keras.Input((16, 16, 3)),
-        keras.layers.Conv2D(8, 3, padding="same", name="stem"),
-        ResidualBlock(8, name="a"),
-        BottleneckBlock(4, strides=2, name="b"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(5, name="head"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(8, 3, padding="same", name="stem"),
+            ResidualBlock(8, name="a"),
+            BottleneckBlock(4, strides=2, name="b"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(5, name="head"),
+        ]
+    )
     randomize_bn_statistics(model, seed=2)
     folded = fold_batchnorm(model)
     assert [type(layer) for layer in folded.layers] == [type(layer) for layer in model.layers]

@@ -20,12 +20,20 @@ CHANNELS_FIRST_OK = keras.config.backend() != "tensorflow"  # TF's CPU conv is N
 def _layers(filters, kernel_size=3, strides=1, use_bias=True, data_format="channels_last"):
     axis = -1 if data_format == "channels_last" else 1
     conv = keras.layers.Conv2D(
-        filters, kernel_size, strides=strides, padding="same", use_bias=use_bias,
-        data_format=data_format, bias_initializer="random_normal",
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        use_bias=use_bias,
+        data_format=data_format,
+        bias_initializer="random_normal",
     )
     bn = keras.layers.BatchNormalization(
-        axis=axis, momentum=0.9, epsilon=1e-3,
-        beta_initializer="random_normal", gamma_initializer="random_uniform",
+        axis=axis,
+        momentum=0.9,
+        epsilon=1e-3,
+        beta_initializer="random_normal",
+        gamma_initializer="random_uniform",
     )
     return conv, bn
 
@@ -33,8 +41,14 @@ def _layers(filters, kernel_size=3, strides=1, use_bias=True, data_format="chann
 def randomize_bn_statistics(bn, seed):
     rng = np.random.default_rng(seed)
     n = bn.gamma.shape[0]
-    bn.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
-                    rng.uniform(0.5, 2.0, n)])
+    bn.set_weights(
+        [
+            rng.uniform(0.5, 1.5, n),
+            rng.normal(0, 0.1, n),
+            rng.normal(0, 0.1, n),
+            rng.uniform(0.5, 2.0, n),
+        ]
+    )
 
 
 def _op_args(conv, bn):
@@ -72,11 +86,15 @@ def test_composite_inference_equals_keras_layers(data_format, with_residual, act
         expected = expected + residual
     expected = keras.activations.get(activation)(expected)
     got = conv_bn_add_act(
-        x, residual=residual, activation=activation, implementation="composite",
+        x,
+        residual=residual,
+        activation=activation,
+        implementation="composite",
         **_op_args(conv, bn),
     )
-    np.testing.assert_allclose(ops.convert_to_numpy(got), ops.convert_to_numpy(expected),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(got), ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("strides", [1, 2])
@@ -91,14 +109,17 @@ def test_composite_training_returns_the_batch_statistics_keras_uses(strides):
         x, training=True, activation="linear", implementation="composite", **_op_args(conv, bn)
     )
     conv_np = ops.convert_to_numpy(conv_out)
-    np.testing.assert_allclose(ops.convert_to_numpy(mean), conv_np.mean(axis=(0, 1, 2)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(mean), conv_np.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5
+    )
     # Keras' BatchNormalization: the biased variance (divided by the count).
-    np.testing.assert_allclose(ops.convert_to_numpy(variance), conv_np.var(axis=(0, 1, 2)),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(variance), conv_np.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5
+    )
     expected = bn(conv(x), training=True)
-    np.testing.assert_allclose(ops.convert_to_numpy(y), ops.convert_to_numpy(expected),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(y), ops.convert_to_numpy(expected), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_no_batchnorm_is_conv_plus_bias_plus_residual():
@@ -107,11 +128,22 @@ def test_no_batchnorm_is_conv_plus_bias_plus_residual():
     kernel = rng.normal(size=(3, 3, 2, 4)).astype("float32")
     bias = rng.normal(size=(4,)).astype("float32")
     residual = rng.normal(size=(1, 5, 5, 4)).astype("float32")
-    got = conv_bn_add_act(x, kernel, None, None, None, None, residual, bias=bias,
-                          activation="relu6", implementation="composite")
+    got = conv_bn_add_act(
+        x,
+        kernel,
+        None,
+        None,
+        None,
+        None,
+        residual,
+        bias=bias,
+        activation="relu6",
+        implementation="composite",
+    )
     expected = keras.activations.relu6(ops.conv(x, kernel, padding="same") + bias + residual)
-    np.testing.assert_allclose(ops.convert_to_numpy(got), ops.convert_to_numpy(expected),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(got), ops.convert_to_numpy(expected), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_leaky_relu_uses_the_given_slope():
@@ -119,8 +151,18 @@ def test_leaky_relu_uses_the_given_slope():
     one = np.ones((1,), "float32")
     zero = np.zeros((1,), "float32")
     kernel = np.ones((1, 1, 1, 1), "float32")
-    got = conv_bn_add_act(x, kernel, one, zero, zero, one - 1e-5 + 0.0, activation="leaky_relu",
-                          negative_slope=0.1, epsilon=1e-5, implementation="composite")
+    got = conv_bn_add_act(
+        x,
+        kernel,
+        one,
+        zero,
+        zero,
+        one - 1e-5 + 0.0,
+        activation="leaky_relu",
+        negative_slope=0.1,
+        epsilon=1e-5,
+        implementation="composite",
+    )
     np.testing.assert_allclose(ops.convert_to_numpy(got).ravel(), [-0.1], rtol=1e-4)
 
 
@@ -141,13 +183,19 @@ def _valid():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"inputs": np.zeros((4, 4, 3), "float32")}, r"`inputs` must be 4D. Received: inputs.shape"),
+        (
+            {"inputs": np.zeros((4, 4, 3), "float32")},
+            r"`inputs` must be 4D. Received: inputs.shape",
+        ),
         ({"kernel": np.zeros((3, 2), "float32")}, r"`kernel` must be 4D"),
         ({"kernel": np.zeros((1, 1, 5, 2), "float32")}, r"expects 5 input channels.*has 3"),
         ({"inputs": np.zeros((1, 4, 4, 3), "int32")}, r"Received: inputs.dtype=int32"),
         ({"gamma": np.ones(3, "float32")}, r"`gamma` must have one value per output channel"),
         ({"bias": np.ones((2, 1), "float32")}, r"Received: bias.shape=\(2, 1\)"),
-        ({"residual": np.zeros((1, 4, 4, 3), "float32")}, r"Received: residual.shape=\(1, 4, 4, 3\)"),
+        (
+            {"residual": np.zeros((1, 4, 4, 3), "float32")},
+            r"Received: residual.shape=\(1, 4, 4, 3\)",
+        ),
         ({"beta": None}, r"Received: beta=None"),
         ({"padding": "full"}, r"Received: padding='full'"),
         ({"implementation": "fast"}, r"Received: implementation='fast'"),
@@ -162,8 +210,13 @@ def test_bad_input_is_a_value_error(change, message):
 
 
 def test_training_without_batchnorm_is_a_value_error():
-    arguments = {**_valid(), "gamma": None, "beta": None, "moving_mean": None,
-                 "moving_variance": None}
+    arguments = {
+        **_valid(),
+        "gamma": None,
+        "beta": None,
+        "moving_mean": None,
+        "moving_variance": None,
+    }
     with pytest.raises(ValueError, match="Received: training=True"):
         conv_bn_add_act(**arguments, training=True)
 

@@ -24,7 +24,6 @@ True
 from __future__ import annotations
 
 import importlib
-import platform
 import shutil
 import subprocess
 import warnings
@@ -122,27 +121,9 @@ def available(backend: str | None = None) -> bool:
 
 
 def _device(backend: str) -> str:
-    try:
-        if backend == "torch":
-            import torch
+    from keras_residual.bench._env import device
 
-            if torch.cuda.is_available():
-                return f"cuda:0 ({torch.cuda.get_device_name(0)})"
-        elif backend == "tensorflow":
-            import tensorflow as tf
-
-            gpus = tf.config.list_physical_devices("GPU")
-            if gpus:
-                return f"GPU ({gpus[0].name})"
-        elif backend == "jax":
-            import jax
-
-            device = jax.devices()[0]
-            if device.platform != "cpu":
-                return f"{device.platform} ({device.device_kind})"
-    except Exception as error:  # noqa: BLE001 - info must always print
-        return f"unknown ({type(error).__name__})"
-    return f"cpu ({platform.processor() or platform.machine()})"
+    return device(backend)
 
 
 def _nvcc_version() -> str | None:

@@ -225,7 +225,9 @@ def build_library(
             except Exception as error:  # noqa: BLE001 - every failure means "no native"
                 raise NativeUnavailable(f"building the {target} library failed: {error}") from error
             if not out_path.is_file():
-                raise NativeUnavailable(f"building the {target} library produced no {out_path.name}")
+                raise NativeUnavailable(
+                    f"building the {target} library produced no {out_path.name}"
+                )
             record = {
                 **expected,
                 "library_sha256": file_hash(out_path),
@@ -249,6 +251,32 @@ def read_record(library: Path) -> dict:
         return json.loads((Path(library).parent / INFO_FILE).read_text())
     except (OSError, ValueError):
         return {}
+
+
+# The codes of keras_residual::Activation (csrc/include/keras_residual/kernels.h).
+ACTIVATION_CODES = {
+    "linear": 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "relu6": 3,
+    "silu": 4,
+    "swish": 4,
+    "gelu": 5,
+}
+
+
+def cpu_signature() -> str:
+    """The CPU model and flags: libraries built with -march=native are keyed on it,
+    so a cache shared between machines never mixes CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def compiler() -> str:

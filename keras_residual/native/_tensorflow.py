@@ -24,7 +24,7 @@ from pathlib import Path
 from keras_residual.native import _build
 
 # The codes of keras_residual::Activation in csrc/include/keras_residual/kernels.h.
-ACTIVATIONS = {"linear": 0, "relu": 1, "leaky_relu": 2, "relu6": 3, "silu": 4, "gelu": 5}
+ACTIVATIONS = _build.ACTIVATION_CODES
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 _lock = threading.Lock()
@@ -82,19 +82,6 @@ def _compile(out_path: Path, build_dir: Path) -> None:
     )
 
 
-def _cpu_model() -> str:
-    # -march=native: a cache shared between machines must not mix CPUs.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def build(rebuild: bool = False) -> Path:
     """Compiles (or finds in the cache) the op library; returns its path.
 
@@ -118,7 +105,7 @@ def build(rebuild: bool = False) -> Path:
             *_flags(),
             *tf.sysconfig.get_compile_flags(),
             *tf.sysconfig.get_link_flags(),
-            _cpu_model(),
+            _build.cpu_signature(),
         ]
     )
     return _build.build_library(

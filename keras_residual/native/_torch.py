@@ -28,15 +28,7 @@ from typing import Any
 
 from keras_residual.native import _build
 
-ACTIVATIONS = {
-    "linear": 0,
-    "relu": 1,
-    "leaky_relu": 2,
-    "relu6": 3,
-    "silu": 4,
-    "swish": 4,
-    "gelu": 5,
-}
+ACTIVATIONS = _build.ACTIVATION_CODES
 LIBRARY_NAME = "keras_residual_torch_ops"
 _FLOAT_DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 

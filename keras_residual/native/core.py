@@ -20,7 +20,10 @@ _error: str | None = None
 
 
 def sources() -> list[Path]:
-    return [*sorted((_build.CSRC / "cpu").glob("*.cpp")), _build.CSRC / "python" / "core_module.cpp"]
+    return [
+        *sorted((_build.CSRC / "cpu").glob("*.cpp")),
+        _build.CSRC / "python" / "core_module.cpp",
+    ]
 
 
 def _flags() -> list[str]:
@@ -48,24 +51,16 @@ def _compile(out_path: Path, build_dir: Path) -> None:
 def build(rebuild: bool = False) -> Path:
     """Compiles (or finds in the cache) the core module; returns its path."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    extra = " ".join([_build.compiler_version(), *_flags(), _cpu_model()])
+    extra = " ".join([_build.compiler_version(), *_flags(), _build.cpu_signature()])
     return _build.build_library(
-        "core", sources(), framework_version="numpy", compile=_compile, extra_key=extra,
-        suffix=suffix, rebuild=rebuild,
+        "core",
+        sources(),
+        framework_version="numpy",
+        compile=_compile,
+        extra_key=extra,
+        suffix=suffix,
+        rebuild=rebuild,
     )
-
-
-def _cpu_model() -> str:
-    # -march=native: a cache shared between machines must not mix CPUs.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _load_from(path: Path):

@@ -10,18 +10,10 @@ from keras import ops
 from keras_residual import config
 from keras_residual import native as native_lib
 from keras_residual._validation import data_format as check_data_format
-from keras_residual.native._build import NativeUnavailable
+from keras_residual.native._build import ACTIVATION_CODES, NativeUnavailable
 
 # Activation name -> code of keras_residual::Activation in csrc/include.
-NATIVE_ACTIVATIONS = {
-    "linear": 0,
-    "relu": 1,
-    "leaky_relu": 2,
-    "relu6": 3,
-    "silu": 4,
-    "swish": 4,
-    "gelu": 5,
-}
+NATIVE_ACTIVATIONS = ACTIVATION_CODES
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 PADDINGS = ("same", "valid")
 
@@ -152,12 +144,36 @@ def conv_bn_add_act(
     )
     if adapter is None:
         return _composite(
-            x, gamma, beta, moving_mean, moving_variance, residual, bias, activation_name,
-            activation, negative_slope, epsilon, training, channel_axis, synchronized, filters,
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            residual,
+            bias,
+            activation_name,
+            activation,
+            negative_slope,
+            epsilon,
+            training,
+            channel_axis,
+            synchronized,
+            filters,
         )
     return _native(
-        adapter, x, gamma, beta, moving_mean, moving_variance, residual, bias, activation_name,
-        negative_slope, epsilon, training, data_format == "channels_last",
+        adapter,
+        x,
+        gamma,
+        beta,
+        moving_mean,
+        moving_variance,
+        residual,
+        bias,
+        activation_name,
+        negative_slope,
+        epsilon,
+        training,
+        data_format == "channels_last",
     )
 
 
@@ -322,8 +338,21 @@ def _bias_shape(channel_axis, filters):
 
 
 def _composite(
-    x, gamma, beta, moving_mean, moving_variance, residual, bias, activation_name, activation,
-    negative_slope, epsilon, training, channel_axis, synchronized, filters,
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_variance,
+    residual,
+    bias,
+    activation_name,
+    activation,
+    negative_slope,
+    epsilon,
+    training,
+    channel_axis,
+    synchronized,
+    filters,
 ):
     """keras.ops only, computed exactly as Conv2D + BatchNormalization do."""
     if bias is not None:
@@ -368,8 +397,19 @@ def _apply_activation(x, activation_name, activation, negative_slope):
 
 
 def _native(
-    adapter, x, gamma, beta, moving_mean, moving_variance, residual, bias, activation_name,
-    negative_slope, epsilon, training, channels_last,
+    adapter,
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_variance,
+    residual,
+    bias,
+    activation_name,
+    negative_slope,
+    epsilon,
+    training,
+    channels_last,
 ):
     code = NATIVE_ACTIVATIONS[activation_name]
     alpha = float(negative_slope)

@@ -20,7 +20,9 @@ def pytest_collection_modifyitems(config, items):
         wanted = OWN_BACKEND.get(name)
         if wanted is not None and wanted != backend:
             item.add_marker(
-                pytest.mark.skip(reason=f"tests the {wanted} adapter: runs with KERAS_BACKEND={wanted}")
+                pytest.mark.skip(
+                    reason=f"tests the {wanted} adapter: runs with KERAS_BACKEND={wanted}"
+                )
             )
         elif name in FRAMEWORK_FREE and backend != "tensorflow":
             item.add_marker(

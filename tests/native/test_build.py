@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler on this machine"
 )
 
-SOURCE = "extern \"C\" int answer() { return 42; }\n"
+SOURCE = 'extern "C" int answer() { return 42; }\n'
 
 # A child process that builds the tiny library through build_library, with a
 # compile step that logs each real compile and can sleep or die halfway.
@@ -40,7 +40,8 @@ CHILD = textwrap.dedent(
             out_path.write_bytes(b"half a library")
             os._exit(9)
         time.sleep(float(mode))
-        _build.run_compiler([_build.compiler(), "-shared", "-fPIC", str(source), "-o", str(out_path)])
+        command = [_build.compiler(), "-shared", "-fPIC", str(source), "-o", str(out_path)]
+        _build.run_compiler(command)
 
     print(_build.build_library("tiny", [source], "test-1.0", compile))
     """
@@ -106,9 +107,7 @@ def test_a_build_killed_halfway_is_never_loaded(tiny):
     assert all(not (entry / "libtiny.so").exists() for entry in entries)
     assert all(not (entry / _build.INFO_FILE).exists() for entry in entries)
     # So the next build compiles afresh and gets a good library.
-    path = _build.build_library(
-        "tiny", [tiny["source"]], "test-1.0", _compile_fn(tiny["source"])
-    )
+    path = _build.build_library("tiny", [tiny["source"]], "test-1.0", _compile_fn(tiny["source"]))
     assert _answer(path) == 42
     assert len(tiny["compiles"]()) == 1  # only the killed build used the logging compile
 

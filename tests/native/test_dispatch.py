@@ -45,8 +45,9 @@ def _case(shape, filters, data_format, dtype, seed=0, kernel_size=3):
         x = x.transpose(0, 3, 1, 2)
     args = dict(
         inputs=ops.cast(x.astype("float32"), dtype),
-        kernel=ops.cast(rng.normal(0, 0.3, size=(kernel_size, kernel_size, c, filters))
-                        .astype("float32"), dtype),
+        kernel=ops.cast(
+            rng.normal(0, 0.3, size=(kernel_size, kernel_size, c, filters)).astype("float32"), dtype
+        ),
         gamma=rng.uniform(0.5, 1.5, filters).astype("float32"),
         beta=rng.normal(0, 0.2, filters).astype("float32"),
         moving_mean=rng.normal(0, 0.2, filters).astype("float32"),
@@ -70,8 +71,13 @@ def test_native_equals_composite(data_format, activation, with_residual, trainin
     args, residual = _case((2, 5, 5, 3), 7, data_format, "float32")
     residual = residual if with_residual else None
     results = [
-        conv_bn_add_act(residual=residual, activation=activation, training=training,
-                        implementation=implementation, **args)
+        conv_bn_add_act(
+            residual=residual,
+            activation=activation,
+            training=training,
+            implementation=implementation,
+            **args,
+        )
         for implementation in ("native", "composite")
     ]
     if not training:
@@ -85,30 +91,36 @@ def test_native_equals_composite(data_format, activation, with_residual, trainin
 def test_native_equals_composite_in_low_precision(dtype, training):
     args, residual = _case((2, 4, 4, 8), 16, "channels_last", dtype, seed=3)
     results = [
-        conv_bn_add_act(residual=residual, training=training, implementation=implementation,
-                        **args)
+        conv_bn_add_act(residual=residual, training=training, implementation=implementation, **args)
         for implementation in ("native", "composite")
     ]
     native_y = results[0][0] if training else results[0]
     composite_y = results[1][0] if training else results[1]
     assert keras.backend.standardize_dtype(native_y.dtype) == dtype
-    np.testing.assert_allclose(_np(native_y), _np(composite_y), rtol=TOLERANCE[dtype],
-                               atol=TOLERANCE[dtype] * 4)
+    np.testing.assert_allclose(
+        _np(native_y), _np(composite_y), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * 4
+    )
 
 
-@pytest.mark.parametrize("shape, filters, kernel_size", [
-    ((1, 1, 1, 3), 5, 1),    # 1x1 spatial, batch 1
-    ((1, 3, 2, 2), 17, 3),   # channels not a multiple of a vector width
-    ((3, 7, 5, 4), 33, 1),
-])
+@pytest.mark.parametrize(
+    "shape, filters, kernel_size",
+    [
+        ((1, 1, 1, 3), 5, 1),  # 1x1 spatial, batch 1
+        ((1, 3, 2, 2), 17, 3),  # channels not a multiple of a vector width
+        ((3, 7, 5, 4), 33, 1),
+    ],
+)
 def test_native_equals_composite_on_odd_shapes(shape, filters, kernel_size):
-    args, residual = _case(shape, filters, "channels_last", "float32", seed=4,
-                           kernel_size=kernel_size)
+    args, residual = _case(
+        shape, filters, "channels_last", "float32", seed=4, kernel_size=kernel_size
+    )
     for training in (False, True):
-        native_y = conv_bn_add_act(residual=residual, training=training,
-                                   implementation="native", **args)
-        composite_y = conv_bn_add_act(residual=residual, training=training,
-                                      implementation="composite", **args)
+        native_y = conv_bn_add_act(
+            residual=residual, training=training, implementation="native", **args
+        )
+        composite_y = conv_bn_add_act(
+            residual=residual, training=training, implementation="composite", **args
+        )
         if training:
             native_y, composite_y = native_y[0], composite_y[0]
         np.testing.assert_allclose(_np(native_y), _np(composite_y), rtol=1e-4, atol=1e-4)
@@ -132,22 +144,25 @@ def test_blocks_update_moving_statistics_the_same(block_cls, filters):
         native_out = native_block(x, training=True)
         composite_out = composite_block(x, training=True)
     np.testing.assert_allclose(_np(native_out), _np(composite_out), rtol=1e-4, atol=1e-4)
-    for a, b in zip(native_block.non_trainable_weights, composite_block.non_trainable_weights,
-                    strict=True):
+    for a, b in zip(
+        native_block.non_trainable_weights, composite_block.non_trainable_weights, strict=True
+    ):
         assert a.path == b.path.replace(composite_block.name, native_block.name)
         np.testing.assert_allclose(_np(a), _np(b), rtol=1e-5, atol=1e-5)
 
 
 def _small_model(implementation, seed=0):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((8, 8, 3)),
-        keras.layers.Conv2D(8, 3, padding="same"),
-        ResidualBlock(8, implementation=implementation, activation="silu"),
-        BottleneckBlock(4, strides=2, implementation=implementation),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(3),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(8, 3, padding="same"),
+            ResidualBlock(8, implementation=implementation, activation="silu"),
+            BottleneckBlock(4, strides=2, implementation=implementation),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ]
+    )
 
 
 def test_training_steps_end_with_equal_weights():
@@ -157,8 +172,10 @@ def test_training_steps_end_with_equal_weights():
     models = []
     for implementation in ("native", "composite"):
         model = _small_model(implementation)
-        model.compile(optimizer=keras.optimizers.SGD(0.05),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.05),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
         losses = [float(model.train_on_batch(x, y)) for _ in range(4)]
         models.append((model, losses))
     (native_model, native_losses), (composite_model, composite_losses) = models
@@ -188,9 +205,15 @@ def test_a_native_model_file_loads_and_predicts_with_composite(tmp_path):
     """
     # No native code at all in the loading process: a global "composite"
     # and no compiler on the PATH.
-    out = run_fresh_python(code, tmp_path, env={"KERAS_RESIDUAL_IMPLEMENTATION": "composite",
-                                                "CXX": "no-such-compiler",
-                                                "KERAS_RESIDUAL_CACHE_DIR": str(tmp_path / "c")})
+    out = run_fresh_python(
+        code,
+        tmp_path,
+        env={
+            "KERAS_RESIDUAL_IMPLEMENTATION": "composite",
+            "CXX": "no-such-compiler",
+            "KERAS_RESIDUAL_CACHE_DIR": str(tmp_path / "c"),
+        },
+    )
     assert "implementation native" in out
 
 
@@ -202,8 +225,9 @@ def test_fold_batchnorm_runs_the_native_epilogue():
     folded = keras_residual.fold_batchnorm(model)
     assert folded.implementation == "native" and folded.folded
     x = np.random.default_rng(9).normal(size=(2, 32, 32, 3)).astype("float32")
-    np.testing.assert_allclose(_np(folded(x, training=False)), _np(model(x, training=False)),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        _np(folded(x, training=False)), _np(model(x, training=False)), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow SavedModel export")
