@@ -269,3 +269,16 @@ def test_info_command_prints_backend_and_adapters():
     assert f"backend: {keras.config.backend()}" in out
     assert "adapters:" in out and "tensorflow:" in out and "torch:" in out
     assert "compiler:" in out
+
+
+def test_synchronized_statistics_run_on_every_backend():
+    # Keras' synchronized moments are TensorFlow's; elsewhere the flag is
+    # ignored (one replica here: the statistics are the batch's either way).
+    arguments = _valid()
+    arguments["inputs"] = np.random.default_rng(3).normal(size=(2, 4, 4, 3)).astype("float32")
+    plain = conv_bn_add_act(**arguments, training=True, implementation="composite")
+    synced = conv_bn_add_act(
+        **arguments, training=True, synchronized=True, implementation="composite"
+    )
+    for a, b in zip(plain, synced, strict=True):
+        np.testing.assert_allclose(ops.convert_to_numpy(a), ops.convert_to_numpy(b), rtol=1e-5)

@@ -73,7 +73,9 @@ def conv_bn_add_act(
         data_format: `"channels_last"`, `"channels_first"` or `None` for
             `keras.config.image_data_format()`.
         synchronized: bool. Batch statistics over all replicas of a
-            `tf.distribute` strategy (TensorFlow only; composite path).
+            `tf.distribute` strategy (composite path). TensorFlow only: it is
+            ignored on JAX, whose `keras.distribution` computes global
+            statistics anyway, and on torch, which has none.
             Defaults to `False`.
         implementation: `"auto"`, `"native"` or `"composite"`. `"auto"` follows
             `keras_residual.config.get_implementation()`, which by default
@@ -111,6 +113,9 @@ def conv_bn_add_act(
     (2, 8, 8, 6)
     """
     data_format = check_data_format(data_format)
+    # Keras' synchronized moments exist on TensorFlow only. Under JAX's
+    # keras.distribution the statistics are global anyway; torch has none.
+    synchronized = bool(synchronized) and keras.config.backend() == "tensorflow"
     has_bn = _check_bn_arguments(gamma, beta, moving_mean, moving_variance)
     if training and not has_bn:
         raise ValueError(
