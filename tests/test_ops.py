@@ -83,7 +83,7 @@ def test_composite_inference_equals_keras_layers(data_format, with_residual, act
     residual = rng.normal(size=tuple(y_conv.shape)).astype("float32") if with_residual else None
     expected = bn(conv(x), training=False)
     if with_residual:
-        expected = expected + residual
+        expected = ops.add(expected, residual)
     expected = keras.activations.get(activation)(expected)
     got = conv_bn_add_act(
         x,
@@ -140,7 +140,9 @@ def test_no_batchnorm_is_conv_plus_bias_plus_residual():
         activation="relu6",
         implementation="composite",
     )
-    expected = keras.activations.relu6(ops.conv(x, kernel, padding="same") + bias + residual)
+    expected = keras.activations.relu6(
+        ops.add(ops.add(ops.conv(x, kernel, padding="same"), bias), residual)
+    )
     np.testing.assert_allclose(
         ops.convert_to_numpy(got), ops.convert_to_numpy(expected), rtol=1e-6, atol=1e-6
     )
