@@ -30,7 +30,7 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-#include "keras_residual/kernels.h"
+#include "../include/keras_residual/kernels.h"
 
 #include <algorithm>
 #include <atomic>

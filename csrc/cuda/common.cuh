@@ -13,7 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "keras_residual/kernels.h"
+#include "../include/keras_residual/kernels.h"
 
 #define KR_HD __host__ __device__ __forceinline__
 

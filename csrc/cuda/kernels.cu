@@ -34,7 +34,7 @@
 #include <type_traits>
 
 #include "common.cuh"
-#include "keras_residual/kernels_cuda.h"
+#include "../include/keras_residual/kernels_cuda.h"
 
 namespace keras_residual {
 namespace cuda {

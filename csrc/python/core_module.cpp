@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "keras_residual/kernels.h"
+#include "../include/keras_residual/kernels.h"
 
 namespace py = pybind11;
 namespace kr = keras_residual;

@@ -23,7 +23,7 @@
 #include <limits>
 #include <vector>
 
-#include "keras_residual/kernels.h"
+#include "../include/keras_residual/kernels.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"

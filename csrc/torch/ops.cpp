@@ -37,7 +37,7 @@
 #include <atomic>
 #include <string>
 
-#include "keras_residual/kernels.h"
+#include "../include/keras_residual/kernels.h"
 
 namespace keras_residual {
 namespace torch_ops {

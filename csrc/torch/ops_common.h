@@ -7,7 +7,7 @@
 
 #include <optional>
 
-#include "keras_residual/kernels.h"
+#include "../include/keras_residual/kernels.h"
 
 namespace keras_residual {
 namespace torch_ops {

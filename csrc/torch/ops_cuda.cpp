@@ -13,7 +13,7 @@
 
 #include <algorithm>
 
-#include "keras_residual/kernels_cuda.h"
+#include "../include/keras_residual/kernels_cuda.h"
 #include "ops_common.h"
 
 namespace keras_residual {

@@ -13,7 +13,7 @@
 
 #include <cstddef>
 
-#include "keras_residual/kernels.h"
+#include "kernels.h"
 
 namespace keras_residual {
 namespace cuda {
