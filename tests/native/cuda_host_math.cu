@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "../../csrc/cuda/common.cuh"
-#include "keras_residual/kernels_cuda.h"
+#include "../../csrc/include/keras_residual/kernels_cuda.h"
 
 using namespace keras_residual;
 using namespace keras_residual::cuda::detail;
