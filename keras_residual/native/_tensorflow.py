@@ -35,45 +35,45 @@ _error: str | None = None
 
 def sources() -> list[Path]:
     """The C++ files compiled into the op library."""
-    return [*sorted((_build.CSRC / "cpu").glob("*.cpp")), _build.CSRC / "tensorflow" / "ops.cc"]
+    return [*_build.kernel_sources(), _build.CSRC / "tensorflow" / "ops.cc"]
 
 
 def _flags() -> list[str]:
-    return ["-std=c++17", "-O3", "-march=native", "-fPIC", "-pthread"]
+    # ops.cc includes TensorFlow's headers: TensorFlow's own flags and no
+    # -march (its Eigen fails under -march=native on AVX-512 FP16 CPUs). The
+    # kernels get the host's ISA in their own translation unit.
+    return ["-std=c++17", "-O3", "-fPIC", "-pthread"]
 
 
 def _compile(out_path: Path, build_dir: Path) -> None:
     import tensorflow as tf
 
     cxx = _build.compiler()
-    include = f"-I{_build.CSRC / 'include'}"
+    kernels = _build.compile_kernels(build_dir)
     # TensorFlow's headers are noisy under recent compilers.
     quiet = ["-Wno-deprecated-declarations", "-Wno-interference-size"]
-    objects = []
-    # One compiler at a time: the TensorFlow headers are heavy.
-    for index, source in enumerate(sources()):
-        obj = build_dir / f"{index}_{source.stem}.o"
-        _build.run_compiler(
-            [
-                cxx,
-                *_flags(),
-                *quiet,
-                *tf.sysconfig.get_compile_flags(),
-                include,
-                "-c",
-                str(source),
-                "-o",
-                str(obj),
-            ],
-            cwd=build_dir,
-        )
-        objects.append(str(obj))
+    ops = build_dir / "tensorflow_ops.o"
+    _build.run_compiler(
+        [
+            cxx,
+            *_flags(),
+            *quiet,
+            *tf.sysconfig.get_compile_flags(),
+            f"-I{_build.CSRC / 'include'}",
+            "-c",
+            str(_build.CSRC / "tensorflow" / "ops.cc"),
+            "-o",
+            str(ops),
+        ],
+        cwd=build_dir,
+    )
     _build.run_compiler(
         [
             cxx,
             "-shared",
             *_flags(),
-            *objects,
+            str(ops),
+            *map(str, kernels),
             *tf.sysconfig.get_link_flags(),
             "-o",
             str(out_path),
@@ -86,14 +86,15 @@ def build(rebuild: bool = False) -> Path:
     """Compiles (or finds in the cache) the op library; returns its path.
 
     Args:
-        rebuild: compile even if the cache holds a valid library.
+        rebuild: compile even if the cache holds a valid library or a
+            recorded failure.
 
     Returns:
         The path of the shared library.
 
     Raises:
         NativeUnavailable: TensorFlow, the compiler or the sources are
-            missing, or compiling failed.
+            missing, or compiling failed (`BuildFailed`, now or earlier).
     """
     try:
         import tensorflow as tf
@@ -105,7 +106,7 @@ def build(rebuild: bool = False) -> Path:
             *_flags(),
             *tf.sysconfig.get_compile_flags(),
             *tf.sysconfig.get_link_flags(),
-            _build.cpu_signature(),
+            _build.kernel_key(),
         ]
     )
     return _build.build_library(
@@ -115,6 +116,8 @@ def build(rebuild: bool = False) -> Path:
         compile=_compile,
         extra_key=extra,
         rebuild=rebuild,
+        description=f"the TensorFlow {tf.__version__} op library",
+        estimate="1 minute",
     )
 
 

@@ -10,24 +10,24 @@ import importlib.machinery
 import importlib.util
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 
 from keras_residual.native import _build
 
 MODULE_NAME = "keras_residual._native._core"
+_lock = threading.Lock()
 _loaded = None
 _error: str | None = None
 
 
 def sources() -> list[Path]:
-    return [
-        *sorted((_build.CSRC / "cpu").glob("*.cpp")),
-        _build.CSRC / "python" / "core_module.cpp",
-    ]
+    return [*_build.kernel_sources(), _build.CSRC / "python" / "core_module.cpp"]
 
 
 def _flags() -> list[str]:
-    return ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    # The module's own source includes Python and pybind11 headers: no -march.
+    return ["-O3", "-std=c++17", "-fPIC", "-pthread"]
 
 
 def _compile(out_path: Path, build_dir: Path) -> None:
@@ -35,23 +35,40 @@ def _compile(out_path: Path, build_dir: Path) -> None:
         import pybind11
     except ImportError as error:
         raise _build.NativeUnavailable("pybind11 is not installed") from error
-    command = [
-        _build.compiler(),
-        *_flags(),
-        f"-I{_build.CSRC / 'include'}",
-        f"-I{pybind11.get_include()}",
-        f"-I{sysconfig.get_paths()['include']}",
-        *[str(path) for path in sources()],
-        "-o",
-        str(out_path),
-    ]
-    _build.run_compiler(command, cwd=build_dir)
+    kernels = _build.compile_kernels(build_dir)
+    module = build_dir / "core_module.o"
+    _build.run_compiler(
+        [
+            _build.compiler(),
+            *_flags(),
+            f"-I{_build.CSRC / 'include'}",
+            f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}",
+            "-c",
+            str(_build.CSRC / "python" / "core_module.cpp"),
+            "-o",
+            str(module),
+        ],
+        cwd=build_dir,
+    )
+    _build.run_compiler(
+        [
+            _build.compiler(),
+            "-shared",
+            *_flags(),
+            str(module),
+            *map(str, kernels),
+            "-o",
+            str(out_path),
+        ],
+        cwd=build_dir,
+    )
 
 
 def build(rebuild: bool = False) -> Path:
     """Compiles (or finds in the cache) the core module; returns its path."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    extra = " ".join([_build.compiler_version(), *_flags(), _build.cpu_signature()])
+    extra = " ".join([_build.compiler_version(), *_flags(), _build.kernel_key()])
     return _build.build_library(
         "core",
         sources(),
@@ -60,6 +77,8 @@ def build(rebuild: bool = False) -> Path:
         extra_key=extra,
         suffix=suffix,
         rebuild=rebuild,
+        description="the NumPy module of the CPU kernels",
+        estimate="30 s",
     )
 
 
@@ -73,25 +92,30 @@ def _load_from(path: Path):
 
 
 def load_core():
-    """The loaded ``_core`` module, compiled on first use.
+    """The loaded ``_core`` module, compiled on first use (once per process).
 
     Raises:
-        NativeUnavailable: no compiler, no pybind11, or the build failed.
+        NativeUnavailable: no compiler, no pybind11, an untrusted cache, or
+            the build failed (now or, recorded, in an earlier process).
     """
     global _loaded, _error
     if _loaded is not None:
         return _loaded
-    if _error is not None:
-        raise _build.NativeUnavailable(_error)
-    try:
-        path = build()
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if _error is not None:
+            raise _build.NativeUnavailable(_error)
         try:
-            _loaded = _load_from(path)
-        except ImportError:
-            # A library that passed its checks but does not load (a foreign
-            # ABI, say): compile it afresh once.
-            _loaded = _load_from(build(rebuild=True))
-    except _build.NativeUnavailable as error:
-        _error = str(error)
-        raise
+            path = build()
+            try:
+                module = _load_from(path)
+            except ImportError:
+                # A library that passed its checks but does not load (a foreign
+                # ABI, say): compile it afresh once.
+                module = _load_from(build(rebuild=True))
+        except _build.NativeUnavailable as error:
+            _error = str(error)
+            raise
+        _loaded = module
     return _loaded

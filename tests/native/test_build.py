@@ -180,3 +180,108 @@ def test_missing_sources_are_native_unavailable(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_RESIDUAL_CACHE_DIR", str(tmp_path))
     with pytest.raises(_build.NativeUnavailable, match="sources not found"):
         _build.build_library("tiny", [tmp_path / "nope.cpp"], "1", lambda out, scratch: None)
+
+
+def test_a_failed_build_is_recorded_once_with_its_log_and_first_error(tiny):
+    calls = []
+    broken = tiny["source"].with_name("broken.cpp")
+    broken.write_text("int ok() { return 1; }\nthis is not C++\n")
+
+    def compile(out_path, build_dir):
+        calls.append(1)
+        _build.run_compiler(
+            [_build.compiler(), "-shared", "-fPIC", str(broken), "-o", str(out_path)],
+            cwd=build_dir,
+        )
+
+    with pytest.raises(_build.BuildFailed) as first:
+        _build.build_library("tiny", [broken], "test-1.0", compile)
+    assert len(calls) == 1
+    assert "error:" in first.value.first_error and "broken.cpp:2" in first.value.first_error
+    log = first.value.log
+    assert log is not None and log.is_file()
+    assert "this is not C++" in log.read_text() or "does not name a type" in log.read_text()
+    assert str(log) in str(first.value)
+    # The record sits under the same key as a success would.
+    record = json.loads((log.parent / _build.INFO_FILE).read_text())
+    assert record["status"] == "failed" and record["source_hash"] == _build.source_hash([broken])
+
+    # The next attempt, in this or any process, does not compile again.
+    with pytest.raises(_build.BuildFailed) as again:
+        _build.build_library("tiny", [broken], "test-1.0", compile)
+    assert len(calls) == 1
+    assert again.value.first_error == first.value.first_error
+
+    # Forcing retries; so does a change of the sources.
+    with pytest.raises(_build.BuildFailed):
+        _build.build_library("tiny", [broken], "test-1.0", compile, rebuild=True)
+    assert len(calls) == 2
+    broken.write_text('extern "C" int answer() { return 42; }\n')
+    assert _answer(_build.build_library("tiny", [broken], "test-1.0", compile)) == 42
+    assert len(calls) == 3
+
+
+def test_a_changed_flag_or_framework_version_retries_a_failed_build(tiny):
+    calls = []
+
+    def failing(out_path, build_dir):
+        calls.append(1)
+        raise RuntimeError("simulated failure")
+
+    for extra, version in (("-O2", "1.0"), ("-O2", "1.0"), ("-O3", "1.0"), ("-O3", "2.0")):
+        with pytest.raises(_build.BuildFailed, match="simulated failure"):
+            _build.build_library("tiny", [tiny["source"]], version, failing, extra_key=extra)
+    assert len(calls) == 3
+
+
+FAKE_COMPILER = """#!/bin/sh
+# Counts its compile invocations and fails like a compiler with an error.
+if [ "$1" = "--version" ]; then echo "fake-c++ 1.0"; exit 0; fi
+echo compile >> "{count}"
+echo "kernels.cpp:1:1: warning: first a warning" >&2
+echo "kernels.cpp:7:3: error: simulated compiler error" >&2
+exit 1
+"""
+
+
+def _run_core(env):
+    code = (
+        "import warnings, time\n"
+        "warnings.simplefilter('always')\n"
+        "from keras_residual import native\n"
+        "from keras_residual.native import core\n"
+        "started = time.monotonic()\n"
+        "try:\n"
+        "    core.load_core()\n"
+        "except native.NativeUnavailable as error:\n"
+        "    print('REASON', error)\n"
+        "print('SECONDS', time.monotonic() - started)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_failing_compiler_costs_its_time_once_across_processes(tmp_path):
+    count = tmp_path / "compiles.txt"
+    fake = tmp_path / "fake-c++"
+    fake.write_text(FAKE_COMPILER.format(count=count))
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "CXX": str(fake),
+        "KERAS_RESIDUAL_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "KERAS_BACKEND": "numpy",  # imports no framework: a faster child
+    }
+    first = _run_core(env)
+    assert "compiling the NumPy module" in first.stderr  # the first-use message
+    assert count.read_text().count("compile") == 1
+    second = _run_core(env)
+    assert count.read_text().count("compile") == 1  # no second compile
+    assert "compiling" not in second.stderr
+    reason = [line for line in second.stdout.splitlines() if line.startswith("REASON")][0]
+    assert "kernels.cpp:7:3: error: simulated compiler error" in reason
+    assert "build.log" in reason and "--force" in reason
+    log = Path(reason.split("full log: ")[1].split(" ")[0])
+    assert "first a warning" in log.read_text()  # the whole log is kept
