@@ -1,4 +1,4 @@
-"""Command line: ``python -m keras_residual demo|bench|info``."""
+"""Command line: ``python -m keras_residual demo|bench|info|build``."""
 
 from __future__ import annotations
 
@@ -46,7 +46,48 @@ def main(argv=None) -> int:
         help="print the backend, the device and the status of the native kernels",
     )
 
+    build = commands.add_parser(
+        "build",
+        help="compile the native libraries ahead of time (for Docker images and clusters)",
+        description=(
+            "Compile the native libraries now, into the cache that later processes load "
+            "from, instead of on first use. Exits with status 1 if a build fails."
+        ),
+    )
+    build.add_argument(
+        "--backend",
+        choices=["tensorflow", "torch", "all"],
+        default="all",
+        help="which adapter to build; 'all' builds every installed one (default all)",
+    )
+    build.add_argument(
+        "--force",
+        action="store_true",
+        help="compile again even if the cache holds a library or a recorded failure",
+    )
+    cuda = build.add_mutually_exclusive_group()
+    cuda.add_argument(
+        "--cuda",
+        dest="cuda",
+        action="store_const",
+        const=True,
+        default=None,
+        help="torch: require the CUDA kernels (fail if they cannot be compiled)",
+    )
+    cuda.add_argument(
+        "--no-cuda",
+        dest="cuda",
+        action="store_const",
+        const=False,
+        help="torch: leave the CUDA kernels out (default: compile them when torch "
+        "has CUDA and nvcc is found)",
+    )
+
     args = parser.parse_args(argv)
+    if args.command == "build":
+        from keras_residual.native import _cli
+
+        return _cli.build(args.backend, force=args.force, cuda=args.cuda)
     if args.command == "bench":
         return bench_lib.run_from_args(args)
     if args.command == "info":

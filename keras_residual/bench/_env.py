@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 from importlib import metadata
 
+from keras_residual._device import cpu_cores, cpu_device, cpu_model, device
 
-def cpu_model() -> str:
-    """The processor's marketing name, as the OS reports it."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def cpu_device() -> str:
-    return f"cpu ({cpu_model()}, {cpu_cores()} cores)"
+__all__ = ["cpu_cores", "cpu_device", "cpu_model", "device", "host", "versions", "native_info"]
 
 
 def host() -> dict:
@@ -78,32 +57,6 @@ def versions(backend: str) -> dict:
         found["jax"] = jax.__version__
         found["jaxlib"] = _version("jaxlib")
     return found
-
-
-def device(backend: str) -> str:
-    """The device the active backend computes on, in words."""
-    try:
-        if backend == "torch":
-            import torch
-
-            if torch.cuda.is_available():
-                return f"cuda:0 ({torch.cuda.get_device_name(0)})"
-        elif backend == "tensorflow":
-            import tensorflow as tf
-
-            gpus = tf.config.list_physical_devices("GPU")
-            if gpus:
-                details = tf.config.experimental.get_device_details(gpus[0])
-                return f"gpu:0 ({details.get('device_name', gpus[0].name)})"
-        elif backend == "jax":
-            import jax
-
-            first = jax.devices()[0]
-            if first.platform != "cpu":
-                return f"{first.platform}:{first.id} ({first.device_kind})"
-    except Exception as error:  # noqa: BLE001 - the run goes on with a plain name
-        return f"unknown ({type(error).__name__}: {error})"
-    return cpu_device()
 
 
 def native_info() -> dict | None:

@@ -10,9 +10,15 @@ Keras through one adapter per backend:
 - ``jax``: none: XLA fuses the elementwise work itself, so the composite path
   is used.
 
+Every adapter module offers the same interface (`Adapter`), and owns all the
+knowledge of its backend: how to build and load it, which graphs cannot hold
+its ops (XLA, SavedModel export, the meta device), which devices it runs on.
+
 Each adapter is compiled on first use against the installed framework and
-cached (see ``keras_residual.native._build``). If it cannot be built or
-loaded, ``implementation="auto"`` warns once and uses the composite path.
+cached (see ``keras_residual.native._build``), or ahead of time with
+``python -m keras_residual build``. If it cannot be built or loaded,
+``implementation="auto"`` warns once and uses the composite path; a failed
+build is recorded, so later processes fall back at once.
 
 Examples:
 
@@ -26,11 +32,33 @@ from __future__ import annotations
 import importlib
 import shutil
 import subprocess
+import threading
 import warnings
+from pathlib import Path
+from typing import Any, Protocol
 
-from keras_residual.native._build import NativeUnavailable, cache_dir, compiler_version
+from keras_residual.native._build import (
+    BuildFailed,
+    NativeUnavailable,
+    UntrustedCache,
+    cache_dir,
+    compiler_version,
+    cpu_arch,
+)
 
-__all__ = ["NativeUnavailable", "available", "info", "print_info"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "BuildFailed",
+    "NativeUnavailable",
+    "UntrustedCache",
+    "adapter",
+    "available",
+    "build",
+    "graph_reason",
+    "info",
+    "print_info",
+]
 
 ADAPTERS = {
     "tensorflow": "keras_residual.native._tensorflow",
@@ -42,6 +70,33 @@ NO_ADAPTER = {
     "openvino": "no native adapter for OpenVINO",
 }
 
+
+class Adapter(Protocol):
+    """What every adapter module (``_tensorflow``, ``_torch``) provides."""
+
+    def build(self, force: bool = False, cuda: bool | None = None) -> Path:
+        """Compiles (or finds in the cache) the library; raises NativeUnavailable."""
+
+    def load(self) -> None:
+        """Builds if needed and loads the library once per process."""
+
+    def status(self) -> dict:
+        """`built`, `loaded`, `reason` and details, without building anything."""
+
+    def graph_reason(self, x: Any) -> str | None:
+        """Why the graph `x` is traced into cannot hold the ops (before loading)."""
+
+    def device_reason(self, x: Any) -> str | None:
+        """Why the loaded ops have no kernel for `x`'s device, or None."""
+
+    def bn_add_act_train(self, x, gamma, beta, residual, **options):
+        """Training BN + residual + activation: `(y, mean, var)`."""
+
+    def scale_shift_add_act(self, x, scale, shift, residual, **options):
+        """Inference epilogue `act(x * scale + shift + residual)`."""
+
+
+_lock = threading.RLock()
 _loaded: dict = {}
 _failed: dict = {}
 _warned: set = set()
@@ -57,34 +112,69 @@ def _backend(backend: str | None) -> str:
     return backend
 
 
-def adapter(backend: str | None = None):
+def _module(backend: str):
+    """The adapter module of `backend` (imported, nothing built), or None."""
+    if backend not in ADAPTERS:
+        return None
+    return importlib.import_module(ADAPTERS[backend])
+
+
+def adapter(backend: str | None = None) -> Adapter:
     """The loaded adapter module of `backend`, compiling it on first use.
 
     Raises:
         NativeUnavailable: with the reason when there is none for this backend
             or it cannot be built or loaded. The failure is remembered: the
-            build is tried once per process.
+            build is tried once per process (and a failed build once per
+            machine, until its inputs change).
     """
     backend = _backend(backend)
     if backend in _loaded:
         return _loaded[backend]
-    if backend in _failed:
-        raise NativeUnavailable(_failed[backend])
-    if backend not in ADAPTERS:
-        reason = NO_ADAPTER.get(backend, f"no native adapter for the {backend} backend")
-        _failed[backend] = reason
-        raise NativeUnavailable(reason)
-    try:
-        module = importlib.import_module(ADAPTERS[backend])
-        module.load()
-    except NativeUnavailable as error:
-        _failed[backend] = str(error)
-        raise
-    except Exception as error:  # noqa: BLE001 - a failed load must never crash a model
-        _failed[backend] = f"loading the {backend} adapter failed: {type(error).__name__}: {error}"
-        raise NativeUnavailable(_failed[backend]) from error
-    _loaded[backend] = module
+    with _lock:
+        if backend in _loaded:
+            return _loaded[backend]
+        if backend in _failed:
+            raise NativeUnavailable(_failed[backend])
+        if backend not in ADAPTERS:
+            reason = NO_ADAPTER.get(backend, f"no native adapter for the {backend} backend")
+            _failed[backend] = reason
+            raise NativeUnavailable(reason)
+        try:
+            module = _module(backend)
+            module.load()
+        except NativeUnavailable as error:
+            _failed[backend] = str(error)
+            raise
+        except Exception as error:  # noqa: BLE001 - a failed load must never crash a model
+            _failed[backend] = (
+                f"loading the {backend} adapter failed: {type(error).__name__}: {error}"
+            )
+            raise NativeUnavailable(_failed[backend]) from error
+        _loaded[backend] = module
     return module
+
+
+def graph_reason(backend: str, x: Any) -> str | None:
+    """Why the graph being traced cannot hold the native ops of `backend`, or None.
+
+    Asked before anything is built: symbolic shape inference (a
+    `keras.KerasTensor`) and the adapter's own cases (TensorFlow XLA and
+    SavedModel export, torch's meta device).
+    """
+    import keras
+
+    if isinstance(x, keras.KerasTensor):
+        return "symbolic shape inference"
+    module = _module(backend)
+    return None if module is None else module.graph_reason(x)
+
+
+def no_adapter_reason(backend: str) -> str | None:
+    """Why `backend` has no native adapter at all, or None if it has one."""
+    if backend in ADAPTERS:
+        return None
+    return NO_ADAPTER.get(backend, f"no native adapter for the {backend} backend")
 
 
 def warn_unavailable(backend: str, reason: str) -> None:
@@ -104,7 +194,7 @@ def warn_unavailable(backend: str, reason: str) -> None:
 def available(backend: str | None = None) -> bool:
     """Whether the native path is usable here for `backend`.
 
-    Compiles the adapter on first use (a minute or two, then cached).
+    Compiles the adapter on first use (about a minute, then cached).
 
     Args:
         backend: `"tensorflow"`, `"torch"` or `"jax"`, or `None` for the
@@ -120,8 +210,42 @@ def available(backend: str | None = None) -> bool:
         return False
 
 
+def build(backend: str, force: bool = False, cuda: bool | None = None) -> Path:
+    """Compiles the library of `backend` ahead of time (or finds it cached).
+
+    Args:
+        backend: `"tensorflow"`, `"torch"` or `"core"` (the NumPy module).
+        force: compile even if the cache holds a library or a recorded
+            failure. Defaults to `False`.
+        cuda: torch only: `True` requires the CUDA kernels, `False` leaves
+            them out, `None` compiles them when torch has CUDA and nvcc is
+            found. Defaults to `None`.
+
+    Returns:
+        The path of the library in the cache.
+
+    Raises:
+        ValueError: an unknown `backend`, or `cuda=True` for a backend
+            without CUDA kernels.
+        NativeUnavailable: the build failed; `BuildFailed` carries the
+            first error and the log's path.
+    """
+    if backend == "core":
+        from keras_residual.native import core
+
+        if cuda:
+            raise ValueError("`cuda` must be None or False for the core module. Received: True")
+        return core.build(rebuild=force)
+    module = _module(backend)
+    if module is None:
+        raise ValueError(
+            f"`backend` must be one of {sorted([*ADAPTERS, 'core'])}. Received: backend={backend!r}"
+        )
+    return module.build(force=force, cuda=cuda)
+
+
 def _device(backend: str) -> str:
-    from keras_residual.bench._env import device
+    from keras_residual._device import device
 
     return device(backend)
 
@@ -145,31 +269,25 @@ def info() -> dict:
 
     Loads (compiling if needed) the active backend's adapter and the NumPy
     core module; the other adapters are reported from their status alone.
+    A failed build is reported with its first error and its log.
     """
     import keras
 
     backend = keras.config.backend()
     adapters = {}
     for name in ADAPTERS:
-        status: dict = {}
         if name == backend:
-            try:
-                adapter(name)
-            except NativeUnavailable:
-                pass
+            available(name)
         try:
-            module = importlib.import_module(ADAPTERS[name])
-            status = dict(module.status())
+            status = dict(_module(name).status())
         except ImportError as error:
             status = {"built": False, "loaded": False, "reason": f"not installed ({error})"}
         except Exception as error:  # noqa: BLE001
             status = {"built": False, "loaded": False, "reason": f"{type(error).__name__}: {error}"}
-        if name in _failed:
-            status.setdefault("reason", _failed[name])
+        if name in _failed and not status.get("loaded"):
+            status["reason"] = _failed[name].splitlines()[0]
         adapters[name] = status
-    for name, reason in NO_ADAPTER.items():
-        if name == "jax":
-            adapters[name] = {"built": False, "loaded": False, "reason": reason}
+    adapters["jax"] = {"built": False, "loaded": False, "reason": NO_ADAPTER["jax"]}
     from keras_residual import config
 
     try:
@@ -181,11 +299,11 @@ def info() -> dict:
     try:
         cache = str(cache_dir())
     except NativeUnavailable as error:
-        cache = f"unavailable ({error})"
-    cuda_archs = None
-    torch_status = adapters.get("torch", {})
-    if torch_status.get("cuda_archs"):
-        cuda_archs = torch_status["cuda_archs"]
+        cache = f"unusable: {str(error).splitlines()[0]}"
+    try:
+        arch = cpu_arch()
+    except ValueError as error:
+        arch = str(error)
     return {
         "keras_residual": _version(),
         "keras": keras.__version__,
@@ -196,8 +314,9 @@ def info() -> dict:
         "adapters": adapters,
         "core": core,
         "compiler": compiler_version(),
+        "cpu_kernels_arch": arch,
         "nvcc": _nvcc_version(),
-        "cuda_archs": cuda_archs,
+        "cuda_archs": adapters.get("torch", {}).get("cuda_archs"),
         "cache_dir": cache,
     }
 

@@ -324,7 +324,10 @@ def first_error(log_text: str, fallback: str = "") -> str:
         if re.search(r"\berror\b\s*:|\bError\b:", line) and not line.startswith("$ "):
             return line[:500]
     tail = [line for line in lines if not line.startswith(("$ ", "# "))]
-    return (tail[-1] if tail else fallback)[:500] or "unknown error"
+    if tail:
+        return tail[-1][:500]
+    fallback = fallback.strip().splitlines()
+    return fallback[0][:500] if fallback else "unknown error"
 
 
 # -- building ---------------------------------------------------------------------
@@ -371,11 +374,13 @@ def _thread_lock(path: Path) -> threading.Lock:
 
 
 _announced: set = set()
+# The first-use message; `python -m keras_residual build` reports for itself.
+announce_first_use = True
 
 
 def _announce(build: Plan, description: str, estimate: str) -> None:
     """Says once per library and process, on stderr, that a compile starts."""
-    if build.target in _announced or os.environ.get("KERAS_RESIDUAL_QUIET_BUILD"):
+    if build.target in _announced or not announce_first_use:
         return
     _announced.add(build.target)
     sys.stderr.write(
@@ -534,10 +539,12 @@ def run_compiler(
             if returncode != 0:
                 handle.write(f"# exit status {returncode}\n")
     if returncode != 0:
+        if not output:
+            raise NativeUnavailable(
+                f"compiler exited with {returncode} and printed nothing ({command[0]})"
+            )
         tail = "\n".join(output.splitlines()[-15:])
-        raise NativeUnavailable(
-            f"compiler exited with {returncode}: {first_error(output, '(no output)')}\n{tail}"
-        )
+        raise NativeUnavailable(f"compiler exited with {returncode}: {first_error(output)}\n{tail}")
 
 
 # -- the compiler and the CPU kernels ---------------------------------------------------

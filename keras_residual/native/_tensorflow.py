@@ -82,12 +82,14 @@ def _compile(out_path: Path, build_dir: Path) -> None:
     )
 
 
-def build(rebuild: bool = False) -> Path:
+def build(force: bool = False, cuda: bool | None = None) -> Path:
     """Compiles (or finds in the cache) the op library; returns its path.
 
     Args:
-        rebuild: compile even if the cache holds a valid library or a
+        force: compile even if the cache holds a valid library or a
             recorded failure.
+        cuda: must be None or False: the TensorFlow adapter has CPU kernels
+            only.
 
     Returns:
         The path of the shared library.
@@ -96,6 +98,11 @@ def build(rebuild: bool = False) -> Path:
         NativeUnavailable: TensorFlow, the compiler or the sources are
             missing, or compiling failed (`BuildFailed`, now or earlier).
     """
+    if cuda:
+        raise ValueError(
+            "`cuda` must be None or False: the TensorFlow adapter has CPU kernels only. "
+            f"Received: cuda={cuda!r}"
+        )
     try:
         import tensorflow as tf
     except ImportError as error:
@@ -115,7 +122,7 @@ def build(rebuild: bool = False) -> Path:
         framework_version=tf.__version__,
         compile=_compile,
         extra_key=extra,
-        rebuild=rebuild,
+        rebuild=force,
         description=f"the TensorFlow {tf.__version__} op library",
         estimate="1 minute",
     )
@@ -150,7 +157,7 @@ def load():
             except (tf.errors.NotFoundError, OSError):
                 # A library that passed its checks but does not load (built
                 # against another TensorFlow, say): compile it afresh once.
-                path = build(rebuild=True)
+                path = build(force=True)
                 library = tf.load_op_library(str(path))
             _register_gradients(tf, library)
         except _build.NativeUnavailable as error:
@@ -291,6 +298,53 @@ def supports(device: str | None) -> bool:
         if device_type:
             return device_type.upper() == "CPU"
     return not tf.config.list_logical_devices("GPU")
+
+
+def graph_reason(x) -> str | None:
+    """Why the graph being traced cannot hold the custom ops, or None.
+
+    XLA clusters (`jit_compile=True`) cannot run a custom op, and a
+    SavedModel export should hold built-in ops only, so that it loads with
+    TensorFlow alone.
+    """
+    if in_xla_context():
+        return "XLA compilation cannot run a custom op"
+    if _tracing_for_export():
+        return "a SavedModel export holds built-in ops only"
+    return None
+
+
+def device_reason(x) -> str | None:
+    """Why the loaded op library has no kernel for `x`'s device, or None."""
+    device = getattr(x, "device", "") or ""
+    if supports(device):
+        return None
+    return f"no native kernel for device {device!r} on tensorflow (CPU kernels only)"
+
+
+def _tracing_for_export() -> bool:
+    """Whether TensorFlow is tracing this call for a SavedModel export.
+
+    Checked only while tracing a graph (never per step). Keras' `export()`
+    and `ExportArchive` trace their endpoints before `tf.saved_model.save`
+    runs, so TensorFlow's save context does not cover them, and neither
+    offers a public "exporting" flag: the frames of their modules on the
+    stack are the signal. `tests/native/test_dispatch.py` pins it: an
+    exported graph must hold no KerasResidual op.
+    """
+    import sys
+
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename.replace("\\", "/")
+        if "/keras/src/export/" in filename or "/tensorflow/python/saved_model/" in filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _param_dtype(tf, x_dtype):

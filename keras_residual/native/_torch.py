@@ -166,24 +166,26 @@ def _extra_key(archs: str | None) -> str:
     )
 
 
-def build(with_cuda: bool | None = None, rebuild: bool = False) -> Path:
+def build(force: bool = False, cuda: bool | None = None) -> Path:
     """Compiles (or finds in the cache) the torch ops library; returns its path.
 
     Args:
-        with_cuda: compile the CUDA kernels in. `None` (the default) means
-            whenever torch has CUDA and nvcc is found; `True` requires it.
-        rebuild: compile even if the cache holds a library.
+        force: compile even if the cache holds a library or a recorded
+            failure.
+        cuda: compile the CUDA kernels in. `None` (the default) means
+            whenever torch has CUDA and nvcc is found; `True` requires it;
+            `False` leaves them out.
 
     Returns:
         The path of the library in the cache.
 
     Raises:
-        NativeUnavailable: the library cannot be built (the message carries
-            the compiler's output), or `with_cuda=True` and CUDA cannot be
-            compiled for.
+        NativeUnavailable: the library cannot be built (`BuildFailed`, with
+            the compiler's first error and the log's path), or `cuda=True`
+            and CUDA cannot be compiled for.
     """
-    archs, cuda_reason = (None, "not requested") if with_cuda is False else _cuda_plan()
-    if with_cuda and archs is None:
+    archs, cuda_reason = (None, "not requested") if cuda is False else _cuda_plan()
+    if cuda and archs is None:
         raise _build.NativeUnavailable(f"cannot compile the CUDA kernels: {cuda_reason}")
     sources = cpu_sources() + (cuda_sources() if archs is not None else [])
 
@@ -196,7 +198,7 @@ def build(with_cuda: bool | None = None, rebuild: bool = False) -> Path:
         framework_version=_framework_version(),
         compile=compile_library,
         extra_key=_extra_key(archs),
-        rebuild=rebuild,
+        rebuild=force,
         description=f"the torch {_framework_version()} ops"
         + (f" with CUDA kernels for {archs}" if archs else ""),
         estimate="1 to 3 minutes" if archs else "1 minute",
@@ -214,7 +216,7 @@ def _build_with_fallback() -> Path:
         if not with_cuda:
             raise
         # The CUDA part may be what failed: the CPU ops are still worth having.
-        path = build(with_cuda=False)
+        path = build(cuda=False)
         _state["cuda_reason"] = f"compiling the CUDA kernels failed: {error}"
         return path
 
@@ -243,7 +245,7 @@ def load() -> None:
             except OSError:
                 # A cached library that no longer loads (a changed system
                 # library, say): compile it again once.
-                path = build(with_cuda=bool(_state["cuda_compiled"]), rebuild=True)
+                path = build(force=True, cuda=bool(_state["cuda_compiled"]))
                 _state["path"] = str(path)
                 torch.ops.load_library(str(path))
             _register_python()
@@ -311,6 +313,23 @@ def supports(device: Any) -> bool:
     if kind == "cpu":
         return True
     return kind == "cuda" and bool(_state["cuda_compiled"])
+
+
+def graph_reason(x) -> str | None:
+    """Why the graph being traced cannot hold the ops, or None: the meta device
+    (symbolic shape inference) computes nothing, so it takes the composite path."""
+    if str(getattr(x, "device", "")) == "meta":
+        return "symbolic shape inference on the meta device"
+    return None
+
+
+def device_reason(x) -> str | None:
+    """Why the loaded ops have no kernel for `x`'s device, or None."""
+    device = getattr(x, "device", "cpu")
+    if supports(device):
+        return None
+    why = "" if _state["cuda_compiled"] else f" ({_state['cuda_reason'] or 'CPU kernels only'})"
+    return f"no native kernel for device {str(device)!r} on torch{why}"
 
 
 # -- autograd and fake kernels ----------------------------------------------------

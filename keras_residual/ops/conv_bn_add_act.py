@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import keras
 from keras import ops
 
@@ -266,12 +264,17 @@ def _validate_residual(residual, x):
 
 
 def _native_adapter(implementation, x, activation_name, synchronized, data_format):
-    """The adapter module to run this call natively, or None for composite."""
+    """The adapter to run this call natively, or None for composite.
+
+    Backend knowledge stays in the adapters (`keras_residual.native`): this
+    asks them whether the graph can hold their ops, whether they load, and
+    whether they run on `x`'s device.
+    """
     requested = config.get_implementation() if implementation == "auto" else implementation
     if config.get_implementation() == "composite" or requested == "composite":
         return None
     backend = keras.config.backend()
-    if _graph_without_custom_ops(backend, x):
+    if native_lib.graph_reason(backend, x) is not None:
         # Symbolic shape inference, XLA and SavedModel export: these graphs
         # cannot hold (or need not run) a custom op, whatever was asked for.
         return None
@@ -282,13 +285,11 @@ def _native_adapter(implementation, x, activation_name, synchronized, data_forma
         except NativeUnavailable as error:
             if requested == "native":
                 raise
-            if backend in native_lib.ADAPTERS:
-                native_lib.warn_unavailable(backend, str(error))
+            native_lib.warn_unavailable(backend, str(error))
             return None
-        device = getattr(x, "device", "")
-        if adapter.supports(device):
+        reason = adapter.device_reason(x)
+        if reason is None:
             return adapter
-        reason = f"no native kernel for device {device!r} on {backend}"
     if requested == "native":
         raise NativeUnavailable(f"implementation='native' cannot run this call: {reason}")
     return None
@@ -299,40 +300,7 @@ def _unsupported_reason(backend, activation_name, synchronized):
         return f"activation {activation_name!r} has no native kernel"
     if synchronized:
         return "synchronized batch statistics run on the composite path"
-    if backend not in native_lib.ADAPTERS:
-        return native_lib.NO_ADAPTER.get(backend, f"no native adapter for {backend}")
-    return None
-
-
-def _graph_without_custom_ops(backend, x) -> bool:
-    if isinstance(x, keras.KerasTensor):
-        return True
-    if backend == "torch":
-        return str(getattr(x, "device", "")) == "meta"
-    if backend == "tensorflow":
-        from keras_residual.native import _tensorflow
-
-        return _tensorflow.in_xla_context() or _tracing_for_export()
-    return False
-
-
-def _tracing_for_export() -> bool:
-    """Whether TensorFlow is tracing this call for a SavedModel export.
-
-    Checked only while tracing a graph (never per step): Keras' `export()`,
-    `ExportArchive` and `tf.saved_model.save` trace from their own modules.
-    """
-    import tensorflow as tf
-
-    if tf.executing_eagerly():
-        return False
-    frame = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename.replace("\\", "/")
-        if "/keras/src/export/" in filename or "/tensorflow/python/saved_model/" in filename:
-            return True
-        frame = frame.f_back
-    return False
+    return native_lib.no_adapter_reason(backend)
 
 
 # -- the two paths ----------------------------------------------------------------

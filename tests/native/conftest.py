@@ -15,7 +15,6 @@ FRAMEWORK_FREE = {
     "test_build.py",
     "test_cache_security.py",
     "test_cuda_compile.py",
-    "test_portable_build.py",
 }
 
 
