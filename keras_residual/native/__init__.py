@@ -72,7 +72,24 @@ NO_ADAPTER = {
 
 
 class Adapter(Protocol):
-    """What every adapter module (``_tensorflow``, ``_torch``) provides."""
+    """What every adapter module (``_tensorflow``, ``_torch``) provides.
+
+    An adapter may also offer, optionally (not a member here, so that
+    adapters without it still match), its own convolution::
+
+        def conv2d(inputs, kernel, *, strides, padding, dilation_rate,
+                   channels_last): ...
+
+    `keras.ops.conv` of a 4D input, equal to it within float rounding:
+    `kernel` in Keras' layout `(kh, kw, in, out)`, `padding` `"same"`
+    (TensorFlow's, asymmetric where it must be) or `"valid"`, the result in
+    the layout of `inputs` (NHWC when `channels_last`, else NCHW) and
+    contiguous in it, as the native ops take it; differentiable with respect
+    to `inputs` and `kernel`. The native path of `conv_bn_add_act` runs its
+    convolution with it (`getattr(adapter, "conv2d", None)`) instead of
+    `keras.ops.conv`. torch has one (its convolution without Keras' NHWC <->
+    NCHW copies); TensorFlow has none.
+    """
 
     def build(self, force: bool = False, cuda: bool | None = None) -> Path:
         """Compiles (or finds in the cache) the library; raises NativeUnavailable."""

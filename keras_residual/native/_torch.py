@@ -601,3 +601,84 @@ def scale_shift_add_act(
         float(alpha),
         bool(channels_last),
     )
+
+
+# -- the convolution ----------------------------------------------------------------
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """(before, after) of TensorFlow's and Keras' "same" padding along one axis."""
+    effective = (kernel - 1) * dilation + 1
+    out = -(-size // stride)  # ceil(size / stride)
+    total = max((out - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    values = tuple(int(v) for v in value)
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) != 2:
+        raise ValueError(f"`{name}` must be an int or 2 ints. Received: {name}={value!r}")
+    return values
+
+
+def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, channels_last=True):
+    """`keras.ops.conv` of a 4D input, without its layout copies.
+
+    Keras' own torch convolution copies an NHWC input to NCHW
+    (`permute(...).contiguous()`) and then back to channels_last memory,
+    forward and backward. An NHWC tensor permuted to NCHW already *is* a
+    channels_last NCHW tensor, which `torch.nn.functional.conv2d` takes as
+    it is (oneDNN on CPU, cuDNN on CUDA), and its channels_last output
+    permuted back is a contiguous NHWC tensor: the activations are never
+    copied (except by the explicit pad of an asymmetric "same", as in Keras).
+    The kernel, small next to the activations, is copied once per call into
+    the layout the convolution wants (torch would make the same copy); its
+    gradient flows back to the Keras variable through that copy.
+
+    Args:
+        inputs: 4D tensor, NHWC when `channels_last`, else NCHW.
+        kernel: `(kh, kw, in_channels, filters)`, Keras' layout; with
+            `in_channels` dividing the input's channels (grouped convolution,
+            as in Keras).
+        strides, dilation_rate: an int or 2 ints.
+        padding: `"same"` (TensorFlow's, asymmetric where it must be) or
+            `"valid"`.
+        channels_last: the layout of `inputs` and of the result.
+
+    Returns:
+        The convolution, in the layout of `inputs` and contiguous in it (for
+        the usual shapes; the native ops copy whatever is not).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    strides = _pair(strides, "strides")
+    dilation = _pair(dilation_rate, "dilation_rate")
+    if padding not in ("same", "valid"):
+        raise ValueError(f"`padding` must be 'same' or 'valid'. Received: padding={padding!r}")
+    x = inputs.permute(0, 3, 1, 2) if channels_last else inputs
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    # (kh, kw, in, out) -> (out, in, kh, kw), in the memory format of `x`:
+    # oneDNN would otherwise make this copy itself.
+    weight = kernel.permute(3, 2, 0, 1).contiguous(memory_format=memory_format)
+    groups = x.shape[1] // weight.shape[1]
+    pad = (0, 0)
+    if padding == "same":
+        (top, bottom), (left, right) = (
+            _same_padding(x.shape[2 + i], weight.shape[2 + i], strides[i], dilation[i])
+            for i in range(2)
+        )
+        if top == bottom and left == right:
+            pad = (top, left)
+        else:
+            # Only an asymmetric "same" (stride 2 on an even size, an even
+            # kernel) pads explicitly, as Keras does; channels_last is kept.
+            x = F.pad(x, (left, right, top, bottom))
+            if channels_last and not x.is_contiguous(memory_format=torch.channels_last):
+                x = x.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(x, weight, None, strides, pad, dilation, groups)
+    return y.permute(0, 2, 3, 1) if channels_last else y

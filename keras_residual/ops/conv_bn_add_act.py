@@ -39,10 +39,12 @@ def conv_bn_add_act(
 ):
     """`act(BN(conv(inputs, kernel) + bias) + residual)`, fused where possible.
 
-    The convolution is the framework's own (`keras.ops.conv`); what follows
-    it, the BatchNormalization, the residual add and the activation, runs
-    either as `keras.ops` (the composite path, the reference) or as the
-    native kernels of `csrc/` (two passes over memory forward, two backward).
+    The convolution is the framework's own: `keras.ops.conv`, or on the
+    native path the adapter's `conv2d` where it has one (torch's, the same
+    convolution without Keras' layout copies). What follows it, the
+    BatchNormalization, the residual add and the activation, runs either as
+    `keras.ops` (the composite path, the reference) or as the native kernels
+    of `csrc/` (two passes over memory forward, two backward).
 
     With `gamma`, `beta`, `moving_mean` and `moving_variance` all `None` there
     is no BatchNormalization: `act(conv(inputs) + bias + residual)`, the
@@ -130,21 +132,38 @@ def conv_bn_add_act(
         inputs, kernel, (gamma, beta, moving_mean, moving_variance), bias, channel_axis
     )
 
-    x = ops.conv(
-        inputs,
-        kernel,
-        strides=strides,
-        padding=padding,
-        dilation_rate=dilation_rate,
-        data_format=data_format,
+    # The adapter is chosen before the convolution: one that has its own
+    # (`conv2d`, torch) runs it without Keras' layout copies. The graph and
+    # device checks look at `inputs`, which shares the conv output's graph
+    # and device.
+    if not isinstance(inputs, keras.KerasTensor):
+        inputs = ops.convert_to_tensor(inputs)
+    adapter = _native_adapter(
+        implementation, inputs, activation_name, synchronized and bool(training), data_format
     )
+    conv = None if adapter is None else getattr(adapter, "conv2d", None)
+    if conv is None:
+        x = ops.conv(
+            inputs,
+            kernel,
+            strides=strides,
+            padding=padding,
+            dilation_rate=dilation_rate,
+            data_format=data_format,
+        )
+    else:
+        x = conv(
+            inputs,
+            ops.convert_to_tensor(kernel),
+            strides=strides,
+            padding=padding,
+            dilation_rate=dilation_rate,
+            channels_last=data_format == "channels_last",
+        )
     if residual is not None:
         _validate_residual(residual, x)
         residual = ops.cast(residual, x.dtype)
 
-    adapter = _native_adapter(
-        implementation, x, activation_name, synchronized and bool(training), data_format
-    )
     if adapter is None:
         return _composite(
             x,

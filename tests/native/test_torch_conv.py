@@ -1,0 +1,291 @@
+"""The torch adapter's own convolution (`_torch.conv2d`) against `keras.ops.conv`.
+
+Forward and gradients (input and kernel) in both layouts, float32, bfloat16
+and float16, every padding case of Keras' "same"; that it copies no
+activation (forward and backward); and, through Keras, a BottleneckBlock and
+a ResNet18 whose native path (which runs this convolution) equals the
+composite one (which runs `keras.ops.conv`). Runs with KERAS_BACKEND=torch.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    keras.config.backend() != "torch",
+    reason="tests the torch adapter's convolution: runs with KERAS_BACKEND=torch",
+)
+
+torch = pytest.importorskip("torch", reason="the torch adapter needs torch installed")
+
+import keras_residual  # noqa: E402
+from keras_residual import BottleneckBlock, native  # noqa: E402
+from keras_residual.native import _torch  # noqa: E402
+from keras_residual.ops import conv_bn_add_act  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+# (input n, h, w, c), (kh, kw), filters, strides, padding, dilation
+CASES = [
+    ((2, 7, 9, 3), (3, 3), 5, 1, "same", 1),
+    ((2, 8, 8, 4), (3, 3), 6, 2, "same", 1),  # asymmetric: explicit pad
+    ((2, 9, 7, 4), (3, 3), 6, 2, "same", 1),  # odd sizes, stride 2
+    ((2, 8, 8, 4), (1, 1), 8, 1, "same", 1),
+    ((2, 8, 8, 4), (1, 1), 8, 2, "same", 1),  # the projection shortcut
+    ((2, 16, 16, 3), (7, 7), 8, 2, "same", 1),  # the stem
+    ((2, 15, 15, 3), (7, 7), 8, 2, "same", 1),
+    ((2, 9, 9, 4), (3, 3), 4, 1, "same", 2),  # dilation
+    ((2, 10, 9, 4), (3, 3), 4, 1, "same", (2, 1)),
+    ((2, 8, 8, 4), (2, 2), 4, 1, "same", 1),  # even kernel: asymmetric at stride 1
+    ((2, 9, 8, 4), (3, 3), 5, 1, "valid", 1),
+    ((2, 9, 8, 4), (3, 3), 5, 2, "valid", 1),
+    ((2, 9, 8, 4), (3, 3), 5, (1, 2), "same", 1),
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    """Raw tensors here: overrides conftest's per-test Keras reset."""
+    yield
+
+
+def _tensors(shape, kernel_size, filters, channels_last, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    n, h, w, c = shape
+    x = rng.normal(size=shape).astype("float32")
+    if not channels_last:
+        x = x.transpose(0, 3, 1, 2).copy()
+    k = rng.normal(0, 0.3, size=(*kernel_size, c, filters)).astype("float32")
+    x = torch.tensor(x, dtype=dtype, requires_grad=True)
+    k = torch.tensor(k, dtype=dtype, requires_grad=True)
+    return x, k
+
+
+def _forward_backward(conv, x, k, seed=1):
+    x.grad = k.grad = None
+    y = conv(x, k)
+    weights = torch.tensor(
+        np.random.default_rng(seed).normal(size=tuple(y.shape)).astype("float32"), dtype=y.dtype
+    )
+    (y * weights).sum().backward()
+    return y.detach().float(), x.grad.float(), k.grad.float()
+
+
+def _assert_close(actual, expected, tolerance, what):
+    scale = max(float(expected.abs().max()), 1.0)
+    error = float((actual - expected).abs().max())
+    assert error <= tolerance * scale, f"{what}: max error {error} > {tolerance} * {scale}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case[1:])))
+def test_equals_keras_conv(case, data_format, dtype):
+    shape, kernel_size, filters, strides, padding, dilation = case
+    channels_last = data_format == "channels_last"
+    x, k = _tensors(shape, kernel_size, filters, channels_last, dtype)
+    options = dict(strides=strides, padding=padding, dilation_rate=dilation)
+    ours = _forward_backward(
+        lambda x, k: _torch.conv2d(x, k, channels_last=channels_last, **options), x, k
+    )
+    theirs = _forward_backward(
+        lambda x, k: keras.ops.conv(x, k, data_format=data_format, **options), x, k
+    )
+    assert ours[0].shape == theirs[0].shape
+    for actual, expected, what in zip(ours, theirs, ("output", "d input", "d kernel"), strict=True):
+        _assert_close(actual, expected, TOLERANCE[dtype], what)
+
+
+def test_grouped_like_keras():
+    x, k = _tensors((2, 6, 6, 8), (3, 3), 6, True, torch.float32)
+    k = k.detach()[:, :, :4, :].clone().requires_grad_()  # 2 groups of 4 channels
+    ours = _forward_backward(lambda x, k: _torch.conv2d(x, k, padding="same"), x, k)
+    theirs = _forward_backward(lambda x, k: keras.ops.conv(x, k, padding="same"), x, k)
+    for actual, expected in zip(ours, theirs, strict=True):
+        _assert_close(actual, expected, 1e-5, "grouped")
+
+
+def test_rejects_bad_padding():
+    x, k = _tensors((1, 4, 4, 2), (3, 3), 2, True, torch.float32)
+    with pytest.raises(ValueError, match="padding"):
+        _torch.conv2d(x, k, padding="causal")
+
+
+# -- no layout copies ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_output_is_a_contiguous_view_of_channels_last(strides):
+    x, k = _tensors((2, 9, 9, 8), (3, 3), 16, True, torch.float32)
+    y = _torch.conv2d(x, k, strides=strides, padding="same" if strides == 1 else "valid")
+    nchw = y.permute(0, 3, 1, 2)
+    assert y.is_contiguous()  # NHWC, as the native ops take it
+    assert nchw.is_contiguous(memory_format=torch.channels_last)
+    _, h, w, c = y.shape
+    assert y.stride() == (h * w * c, w * c, c, 1)
+
+
+def _native_adapter():
+    try:
+        return native.adapter("torch")
+    except native.NativeUnavailable as error:
+        pytest.skip(f"native adapter unavailable here: {str(error).splitlines()[0]}")
+
+
+def _activation_copies(implementation, strides, padding):
+    """The aten::copy_ of 4D activation-sized tensors in one unit's forward+backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = np.random.default_rng(0)
+    n, h, w, c, f = 4, 10, 10, 8, 8
+    x = torch.tensor(rng.normal(size=(n, h, w, c)).astype("float32"), requires_grad=True)
+    k = torch.tensor(rng.normal(0, 0.2, size=(3, 3, c, f)).astype("float32"), requires_grad=True)
+    gamma = torch.ones(f, requires_grad=True)
+    beta = torch.zeros(f, requires_grad=True)
+    mean, variance = torch.zeros(f), torch.ones(f)
+    oh = -(-h // strides) if padding == "same" else (h - 3) // strides + 1
+    residual = torch.tensor(rng.normal(size=(n, oh, oh, f)).astype("float32"))
+    weights = torch.tensor(rng.normal(size=(n, oh, oh, f)).astype("float32"))
+
+    def step():
+        y, _, _ = conv_bn_add_act(
+            x,
+            k,
+            gamma,
+            beta,
+            mean,
+            variance,
+            residual,
+            strides=strides,
+            padding=padding,
+            training=True,
+            implementation=implementation,
+        )
+        (y * weights).sum().backward()  # a contiguous incoming gradient
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    sizes = {n * h * w * c, n * oh * oh * f}
+    copies = []
+    for event in prof.events():
+        if event.name != "aten::copy_" or not event.input_shapes:
+            continue
+        shape = event.input_shapes[0]
+        if len(shape) == 4 and int(np.prod(shape)) in sizes:
+            copies.append(tuple(shape))
+    return copies
+
+
+@pytest.mark.parametrize("strides, padding", [(1, "same"), (2, "valid")])
+def test_native_unit_copies_no_activation(strides, padding):
+    _native_adapter()
+    assert _activation_copies("native", strides, padding) == []
+    # The check itself sees Keras' copies on the composite path (ops.conv).
+    assert len(_activation_copies("composite", strides, padding)) >= 2
+
+
+def test_native_path_uses_the_adapter_conv(monkeypatch):
+    adapter = _native_adapter()
+    calls = []
+    original = adapter.conv2d
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "conv2d", spy)
+    x = np.random.default_rng(0).normal(size=(1, 5, 5, 3)).astype("float32")
+    k = np.random.default_rng(1).normal(size=(3, 3, 3, 4)).astype("float32")
+    ones, zeros = np.ones(4, "float32"), np.zeros(4, "float32")
+    native_y = conv_bn_add_act(x, k, ones, zeros, zeros, ones, implementation="native")
+    assert len(calls) == 1 and calls[0]["channels_last"] is True
+    composite_y = conv_bn_add_act(x, k, ones, zeros, zeros, ones, implementation="composite")
+    assert len(calls) == 1  # the composite path is pure keras.ops
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(native_y),
+        keras.ops.convert_to_numpy(composite_y),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+# -- through Keras: blocks and a ResNet, native against composite -----------------
+
+
+def _twins(build, seed=0):
+    """The same model twice (same weights): native and composite."""
+    keras.utils.set_random_seed(seed)
+    native_model = build("native")
+    composite_model = build("composite")
+    composite_model.set_weights(native_model.get_weights())
+    return native_model, composite_model
+
+
+def _train_step(model, x, labels):
+    """One SGD step by hand: the loss, and the variables after it."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
+    model.zero_grad()
+    loss = loss_fn(labels, model(x, training=True))
+    loss.backward()
+    with torch.no_grad():
+        for variable in model.trainable_variables:
+            variable.value.sub_(0.05 * variable.value.grad)
+    return float(loss.detach()), [keras.ops.convert_to_numpy(v) for v in model.variables]
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_bottleneck_block_native_equals_composite(data_format):
+    _native_adapter()
+    shape = (8, 8, 16) if data_format == "channels_last" else (16, 8, 8)
+
+    def build(implementation):
+        inputs = keras.Input(shape)
+        block = BottleneckBlock(
+            8, strides=2, implementation=implementation, data_format=data_format
+        )
+        return keras.Model(inputs, block(inputs))
+
+    native_model, composite_model = _twins(build)
+    x = torch.tensor(np.random.default_rng(2).normal(size=(4, *shape)).astype("float32"))
+    for training in (False, True):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(native_model(x, training=training)),
+            keras.ops.convert_to_numpy(composite_model(x, training=training)),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+    x = x.requires_grad_()
+    grads = []
+    for model in (native_model, composite_model):
+        x.grad = None
+        model.zero_grad()
+        model(x, training=True).square().mean().backward()
+        grads.append([x.grad.clone()] + [v.value.grad.clone() for v in model.trainable_variables])
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_resnet18_native_equals_composite():
+    _native_adapter()
+
+    def build(implementation):
+        return keras_residual.ResNet18(
+            weights=None, input_shape=(32, 32, 3), classes=10, implementation=implementation
+        )
+
+    native_model, composite_model = _twins(build)
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.normal(size=(4, 32, 32, 3)).astype("float32"))
+    labels = torch.tensor(rng.integers(0, 10, size=(4,)))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(native_model(x, training=False)),
+        keras.ops.convert_to_numpy(composite_model(x, training=False)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    native_loss, native_after = _train_step(native_model, x, labels)
+    composite_loss, composite_after = _train_step(composite_model, x, labels)
+    assert native_loss == pytest.approx(composite_loss, rel=1e-5)
+    for a, b in zip(native_after, composite_after, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
