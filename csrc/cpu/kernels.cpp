@@ -16,7 +16,9 @@
 // accumulated around a per-channel shift (the channel's first value), so that
 // data with a large offset keeps its variance ("shifted data" algorithm).
 // float16 and bfloat16 are converted with branch-free bit manipulation and
-// rounded to nearest even on store.
+// rounded to nearest even on store; their batch-norm backward recomputes g
+// in its second pass instead of reading it back rounded. NaN and +-inf come
+// out where the composite path puts them (kernels.h: Act, GradRule).
 //
 // Threads: a plain std::thread fork/join per call (no OpenMP, no pool that
 // would survive a fork()). Small tensors run on the calling thread.
@@ -136,14 +138,29 @@ struct BF16 {
 // ------------------------------------------------------------ activations --
 
 // exp and the normal CDF for the float paths, written without calls or
-// branches so that silu and gelu loops vectorise. exp: Cephes' expf
-// polynomial (relative error < 1e-7 on [-87, 88]; the argument is clamped
-// there, NaN propagates). The CDF comes from erfc by the Chebyshev fit of
-// Numerical Recipes (erfcc, fractional error < 1.2e-7), so its absolute error
-// stays below 2e-7. float64 uses the C library.
-KR_INLINE float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
+// branches so that silu and gelu loops vectorise, from Cephes' expf
+// polynomial (relative error < 1e-7) on r = x - n ln 2, times 2^n.
+//   exp_float<true> (exp_approx) applies 2^n as two normal factors, so that
+//     it over- and underflows (to inf, subnormals and 0) where float32's exp
+//     does: -inf / exp(inf) (silu) and inf * exp(-inf) (gelu') are then NaN
+//     as on the composite path, and an inf gradient meets a zero where the
+//     composite path has one. NaN propagates.
+//   exp_float<false> clamps x to [-88, 88], where 2^n is 2^-127, whose bits
+//     are 0: it flushes to 0 below -87.7 (instead of subnormals) at no cost.
+//     For the CDF's tail (x < 0), which is then 0 where float32's is 0 or
+//     subnormal: one multiply fewer in gelu's forward.
+// The CDF comes from erfc by the Chebyshev fit of Numerical Recipes (erfcc,
+// fractional error < 1.2e-7), so its absolute error stays below 2e-7.
+// float64 uses the C library.
+template <bool kFullRange>
+KR_INLINE float exp_float(float x) {
+  if constexpr (kFullRange) {
+    x = x < -104.0f ? -104.0f : x;  // exp(-104) rounds to 0
+    x = x > 89.0f ? 89.0f : x;      // exp(89) overflows
+  } else {
+    x = x < -88.0f ? -88.0f : x;  // n = -127: a factor of +0
+    x = x > 88.0f ? 88.0f : x;
+  }
   const float fn = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
   const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -154,8 +171,15 @@ KR_INLINE float exp_approx(float x) {
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
   const int32_t n = static_cast<int32_t>(fn);
-  return y * bits_float(static_cast<uint32_t>(n + 127) << 23);
+  if constexpr (kFullRange) {
+    const int32_t n1 = n >> 1;  // n in [-150, 128]: 2^n = 2^n1 * 2^(n - n1), both normal
+    return (y * bits_float(static_cast<uint32_t>(n1 + 127) << 23)) *
+           bits_float(static_cast<uint32_t>(n - n1 + 127) << 23);
+  } else {
+    return y * bits_float(static_cast<uint32_t>(n + 127) << 23);
+  }
 }
+KR_INLINE float exp_approx(float x) { return exp_float<true>(x); }
 KR_INLINE double exp_approx(double x) { return std::exp(x); }
 
 KR_INLINE float normal_cdf(float z) {
@@ -171,22 +195,27 @@ KR_INLINE float normal_cdf(float z) {
   p = p * t + 0.37409196f;
   p = p * t + 1.00002368f;
   p = p * t - 1.26551223f;
-  const float tail = 0.5f * t * exp_approx(p - u * u);  // P(N > |z|)
+  const float tail = 0.5f * t * exp_float<false>(p - u * u);  // P(N > |z|)
   return z > 0.0f ? 1.0f - tail : tail;
 }
 KR_INLINE double normal_cdf(double z) { return 0.5 * std::erfc(-z * 0.70710678118654752440); }
 
+// Non-finite values as on the composite path (kernels.h): the comparisons
+// are ordered so that NaN, for which every comparison is false, falls
+// through to z itself (relu, leaky_relu, relu6); silu and
+// gelu give NaN at -inf (-inf / inf, -inf * 0) and their derivatives NaN at
+// +-inf (inf * 0), as z * sigmoid(z) and z * Phi(z) do.
 template <Activation A, typename P>
 KR_INLINE P act_forward(P z, P alpha) {
   if constexpr (A == Activation::kLinear) {
     return z;
   } else if constexpr (A == Activation::kRelu) {
-    return z > P(0) ? z : P(0);
+    return z < P(0) ? P(0) : z;
   } else if constexpr (A == Activation::kLeakyRelu) {
-    return z > P(0) ? z : alpha * z;
+    return z < P(0) ? alpha * z : z;
   } else if constexpr (A == Activation::kRelu6) {
-    const P r = z > P(0) ? z : P(0);
-    return r < P(6) ? r : P(6);
+    const P r = z < P(0) ? P(0) : z;
+    return r > P(6) ? P(6) : r;
   } else if constexpr (A == Activation::kSilu) {
     return z / (P(1) + exp_approx(-z));
   } else {  // kGelu, exact: z * Phi(z)
@@ -194,7 +223,7 @@ KR_INLINE P act_forward(P z, P alpha) {
   }
 }
 
-// d act / d z.
+// d act / d z (the relu family: its kMultiply value, act'(NaN) = 0).
 template <Activation A, typename P>
 KR_INLINE P act_grad(P z, P alpha) {
   if constexpr (A == Activation::kLinear) {
@@ -214,17 +243,26 @@ KR_INLINE P act_grad(P z, P alpha) {
   }
 }
 
-// dy * act'(z), written so that relu-like activations become a select.
-template <Activation A, typename P>
+// dy * act'(z); the relu family as a select. kMul: GradRule::kMultiply,
+// TensorFlow's formulas (relu, relu6: the zero regions give dy * 0, and z =
+// NaN is in them; gelu: dy * Phi(z) + (dy * z) * phi(z), as TensorFlow
+// differentiates 0.5 * z * (1 + erf(z / sqrt(2))), which differs for an inf
+// dy only); else kSelect, PyTorch's (the zero regions give 0; z = NaN passes
+// dy through relu, not through relu6; gelu dy * gelu'(z)).
+template <Activation A, typename P, bool kMul = false>
 KR_INLINE P act_backward(P dy, P z, P alpha) {
   if constexpr (A == Activation::kLinear) {
     return dy;
   } else if constexpr (A == Activation::kRelu) {
-    return z > P(0) ? dy : P(0);
+    if constexpr (kMul) return z > P(0) ? dy : dy * P(0);
+    return z <= P(0) ? P(0) : dy;
   } else if constexpr (A == Activation::kLeakyRelu) {
     return z > P(0) ? dy : dy * alpha;
   } else if constexpr (A == Activation::kRelu6) {
-    return (z > P(0) && z < P(6)) ? dy : P(0);
+    return (z > P(0) && z < P(6)) ? dy : (kMul ? dy * P(0) : P(0));
+  } else if constexpr (A == Activation::kGelu && kMul) {
+    const P pdf = exp_approx(P(-0.5) * z * z) * P(0.39894228040143267794);
+    return dy * normal_cdf(z) + (dy * z) * pdf;
   } else {
     return dy * act_grad<A, P>(z, alpha);
   }
@@ -481,7 +519,7 @@ void forward_tile(const P* KR_RESTRICT x, const P* KR_RESTRICT r, const P* KR_RE
 }
 
 // g = dy * act'(x * a + b + r); dx = g * a; sgx += g * x; sg += g.
-template <class P, Activation A, bool kRes>
+template <class P, Activation A, bool kMul, bool kRes>
 void affine_backward_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
                           const P* KR_RESTRICT r, const P* KR_RESTRICT a,
                           const P* KR_RESTRICT b, P* KR_RESTRICT g, P* KR_RESTRICT dx,
@@ -491,7 +529,7 @@ void affine_backward_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
     const P xv = x[i];
     P z = xv * a[i] + b[i];
     if constexpr (kRes) z += r[i];
-    const P gv = act_backward<A, P>(dy[i], z, alpha);
+    const P gv = act_backward<A, P, kMul>(dy[i], z, alpha);
     g[i] = gv;
     dx[i] = gv * a[i];
     sgx[i] += double(gv * xv);
@@ -501,7 +539,7 @@ void affine_backward_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
 
 // Pass 1 of the batch-norm backward: g = dy * act'(x * a + b + r);
 // sg += g; sgx += g * (x - mu).
-template <class P, Activation A, bool kRes>
+template <class P, Activation A, bool kMul, bool kRes>
 void bn_backward1_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x, const P* KR_RESTRICT r,
                        const P* KR_RESTRICT a, const P* KR_RESTRICT b, const P* KR_RESTRICT mu,
                        P* KR_RESTRICT g, double* KR_RESTRICT sg, double* KR_RESTRICT sgx,
@@ -510,7 +548,7 @@ void bn_backward1_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x, const P*
     const P xv = x[i];
     P z = xv * a[i] + b[i];
     if constexpr (kRes) z += r[i];
-    const P gv = act_backward<A, P>(dy[i], z, alpha);
+    const P gv = act_backward<A, P, kMul>(dy[i], z, alpha);
     g[i] = gv;
     sg[i] += double(gv);
     sgx[i] += double(gv * (xv - mu[i]));
@@ -531,6 +569,23 @@ void bn_backward2_inplace_tile(P* KR_RESTRICT io, const P* KR_RESTRICT x, const 
                                const P* KR_RESTRICT mu, int64_t len) {
   for (int64_t i = 0; i < len; ++i) io[i] = a[i] * io[i] + k[i] * (x[i] - mu[i]) + b0[i];
 }
+// The same with g recomputed as in pass 1 (float16 / bfloat16, where a g
+// stored in the tensor dtype would have been rounded):
+//   g = dy * act'(x * a + b + r); out = a * g + k * (x - mu) + b0.
+template <class P, Activation A, bool kMul, bool kRes>
+void bn_backward2_recompute_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
+                                 const P* KR_RESTRICT r, const P* KR_RESTRICT a,
+                                 const P* KR_RESTRICT b, const P* KR_RESTRICT k,
+                                 const P* KR_RESTRICT b0, const P* KR_RESTRICT mu,
+                                 P* KR_RESTRICT out, int64_t len, P alpha) {
+  for (int64_t i = 0; i < len; ++i) {
+    const P xv = x[i];
+    P z = xv * a[i] + b[i];
+    if constexpr (kRes) z += r[i];
+    const P gv = act_backward<A, P, kMul>(dy[i], z, alpha);
+    out[i] = a[i] * gv + k[i] * (xv - mu[i]) + b0[i];
+  }
+}
 
 template <class P>
 using ForwardFn = void (*)(const P*, const P*, const P*, const P*, P*, int64_t, P);
@@ -540,24 +595,36 @@ using AffineBackwardFn = void (*)(const P*, const P*, const P*, const P*, const 
 template <class P>
 using BnBackward1Fn = void (*)(const P*, const P*, const P*, const P*, const P*, const P*, P*,
                                double*, double*, int64_t, P);
+template <class P>
+using BnBackward2Fn = void (*)(const P*, const P*, const P*, const P*, const P*, const P*,
+                               const P*, const P*, P*, int64_t, P);
 
-template <Activation A>
-using ActTag = std::integral_constant<Activation, A>;
+// The activation and, for relu, relu6 and gelu (the only ones where it
+// matters), the gradient rule, as compile-time values.
+template <Activation A, bool kMul = false>
+struct ActTag {
+  static constexpr Activation value = A;
+  static constexpr bool mul = kMul;
+};
 
 template <class F>
-void with_act(Activation a, const F& f) {
-  switch (a) {
+void with_act(Act act, const F& f) {
+  const bool mul = act.grad_rule == GradRule::kMultiply;
+  switch (act.kind) {
     case Activation::kLinear: return f(ActTag<Activation::kLinear>{});
-    case Activation::kRelu: return f(ActTag<Activation::kRelu>{});
+    case Activation::kRelu:
+      return mul ? f(ActTag<Activation::kRelu, true>{}) : f(ActTag<Activation::kRelu>{});
     case Activation::kLeakyRelu: return f(ActTag<Activation::kLeakyRelu>{});
-    case Activation::kRelu6: return f(ActTag<Activation::kRelu6>{});
+    case Activation::kRelu6:
+      return mul ? f(ActTag<Activation::kRelu6, true>{}) : f(ActTag<Activation::kRelu6>{});
     case Activation::kSilu: return f(ActTag<Activation::kSilu>{});
-    case Activation::kGelu: return f(ActTag<Activation::kGelu>{});
+    case Activation::kGelu:
+      return mul ? f(ActTag<Activation::kGelu, true>{}) : f(ActTag<Activation::kGelu>{});
   }
 }
 
 template <class P>
-ForwardFn<P> forward_fn(Activation act, bool res) {
+ForwardFn<P> forward_fn(Act act, bool res) {
   ForwardFn<P> fn = nullptr;
   with_act(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
@@ -566,20 +633,33 @@ ForwardFn<P> forward_fn(Activation act, bool res) {
   return fn;
 }
 template <class P>
-AffineBackwardFn<P> affine_backward_fn(Activation act, bool res) {
+AffineBackwardFn<P> affine_backward_fn(Act act, bool res) {
   AffineBackwardFn<P> fn = nullptr;
   with_act(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
-    fn = res ? &affine_backward_tile<P, A, true> : &affine_backward_tile<P, A, false>;
+    constexpr bool M = decltype(a)::mul;
+    fn = res ? &affine_backward_tile<P, A, M, true> : &affine_backward_tile<P, A, M, false>;
   });
   return fn;
 }
 template <class P>
-BnBackward1Fn<P> bn_backward1_fn(Activation act, bool res) {
+BnBackward1Fn<P> bn_backward1_fn(Act act, bool res) {
   BnBackward1Fn<P> fn = nullptr;
   with_act(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
-    fn = res ? &bn_backward1_tile<P, A, true> : &bn_backward1_tile<P, A, false>;
+    constexpr bool M = decltype(a)::mul;
+    fn = res ? &bn_backward1_tile<P, A, M, true> : &bn_backward1_tile<P, A, M, false>;
+  });
+  return fn;
+}
+template <class P>
+BnBackward2Fn<P> bn_backward2_recompute_fn(Act act, bool res) {
+  BnBackward2Fn<P> fn = nullptr;
+  with_act(act, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    constexpr bool M = decltype(a)::mul;
+    fn = res ? &bn_backward2_recompute_tile<P, A, M, true>
+             : &bn_backward2_recompute_tile<P, A, M, false>;
   });
   return fn;
 }
@@ -607,10 +687,15 @@ void batch_stats_impl(const void* x, Shape s, void* mean_, void* var_) {
     std::fill_n(var, c, std::numeric_limits<P>::quiet_NaN());
     return;
   }
-  // Per-channel shift: the channel's first value.
+  // Per-channel shift: the channel's first value, or 0 if that is not finite
+  // (an inf shift would turn the channel's sums into NaN, where the plain
+  // mean is +-inf; a NaN anywhere makes the sums NaN either way).
   const S* xs = static_cast<const S*>(x);
   std::vector<P> shift(c);
-  for (int64_t j = 0; j < c; ++j) shift[j] = T::load(xs[s.channels_last ? j : j * s.hw]);
+  for (int64_t j = 0; j < c; ++j) {
+    const P first = T::load(xs[s.channels_last ? j : j * s.hw]);
+    shift[j] = std::isfinite(first) ? first : P(0);
+  }
   std::vector<double> sum(c, 0.0), sumsq(c, 0.0);
   const P* params[1] = {shift.data()};
   double* const totals[2] = {sum.data(), sumsq.data()};
@@ -625,7 +710,9 @@ void batch_stats_impl(const void* x, Shape s, void* mean_, void* var_) {
     const double d = sum[j] * inv_m;
     const double v = sumsq[j] * inv_m - d * d;
     mean[j] = P(double(shift[j]) + d);
-    var[j] = P(v > 0.0 ? v : 0.0);
+    // Rounding may leave v slightly below 0: clamp, but keep a NaN (a NaN
+    // or inf in the channel), which the composite path has as well.
+    var[j] = P(v < 0.0 ? 0.0 : v);
   }
 }
 
@@ -638,7 +725,7 @@ void scale_shift_add_act_impl(const void* x, const void* r, Shape s, const void*
   const P* params[2] = {param_or<P>(scale_, s.c, P(1), ones),
                         param_or<P>(shift_, s.c, P(0), zeros)};
   double* const totals[1] = {nullptr};
-  const ForwardFn<P> fn = forward_fn<P>(act.kind, r != nullptr);
+  const ForwardFn<P> fn = forward_fn<P>(act, r != nullptr);
   const P alpha = P(act.alpha);
   for_each_tile<P, 2, 0>(s, params, totals,
                          [&](int64_t o, int64_t len, const P* const* prm, double* const*,
@@ -666,7 +753,7 @@ void scale_shift_add_act_backward_impl(const void* dy, const void* x, const void
   const P* params[2] = {param_or<P>(scale_, c, P(1), ones), param_or<P>(shift_, c, P(0), zeros)};
   std::vector<double> sum_gx(c, 0.0), sum_g(c, 0.0);
   double* const totals[2] = {sum_gx.data(), sum_g.data()};
-  const AffineBackwardFn<P> fn = affine_backward_fn<P>(act.kind, r != nullptr);
+  const AffineBackwardFn<P> fn = affine_backward_fn<P>(act, r != nullptr);
   const P alpha = P(act.alpha);
   for_each_tile<P, 2, 2>(
       s, params, totals,
@@ -716,12 +803,15 @@ void batch_norm_add_act_backward_impl(const void* dy, const void* x, const void*
   }
 
   // Pass 1: g = dy * act'(z) into dr (or dx); sums of g and g * (x - mean).
-  void* gbuf = dr != nullptr ? dr : dx;
+  // float16 / bfloat16: pass 2 recomputes g in float rather than reading it
+  // back rounded to the tensor dtype, so g goes to dr only (if wanted).
+  constexpr bool kRecompute = !kDirect;
+  void* gbuf = dr != nullptr ? dr : (kRecompute ? nullptr : dx);
   std::vector<double> sum_g(c, 0.0), sum_gxc(c, 0.0);
   {
     const P* params[3] = {sc.data(), sh.data(), mean};
     double* const totals[2] = {sum_g.data(), sum_gxc.data()};
-    const BnBackward1Fn<P> fn = bn_backward1_fn<P>(act.kind, r != nullptr);
+    const BnBackward1Fn<P> fn = bn_backward1_fn<P>(act, r != nullptr);
     const P alpha = P(act.alpha);
     for_each_tile<P, 3, 2>(
         s, params, totals,
@@ -730,9 +820,9 @@ void batch_norm_add_act_backward_impl(const void* dy, const void* x, const void*
           const P* dyv = tile_in<T>(dy, o, len, bdy);
           const P* xv = tile_in<T>(x, o, len, bx);
           const P* rv = r ? tile_in<T>(r, o, len, br) : nullptr;
-          P* gv = tile_out<T>(gbuf, o, scratch);
+          P* gv = gbuf != nullptr ? tile_out<T>(gbuf, o, scratch) : scratch;
           fn(dyv, xv, rv, prm[0], prm[1], prm[2], gv, acc[0], acc[1], len, alpha);
-          tile_out_store<T>(gbuf, o, len, gv);
+          if (gbuf != nullptr) tile_out_store<T>(gbuf, o, len, gv);
         });
   }
 
@@ -754,24 +844,41 @@ void batch_norm_add_act_backward_impl(const void* dy, const void* x, const void*
     kb[j] = P(-scj * dbeta_j * inv_m);
   }
 
-  // Pass 2: g -> dx (in place when g lives in dx).
-  const P* params[4] = {sc.data(), ka.data(), kb.data(), mean};
   double* const totals[1] = {nullptr};
-  for_each_tile<P, 4, 0>(
-      s, params, totals,
-      [&](int64_t o, int64_t len, const P* const* prm, double* const*, P* scratch) {
-        alignas(64) P bx[kBuf], bg[kBuf];
-        const P* xv = tile_in<T>(x, o, len, bx);
-        if (kDirect && dr == nullptr) {
-          bn_backward2_inplace_tile<P>(tile_out<T>(dx, o, scratch), xv, prm[0], prm[1], prm[2],
-                                       prm[3], len);
-        } else {
-          const P* gv = tile_in<T>(gbuf, o, len, bg);
-          P* out = tile_out<T>(dx, o, scratch);
-          bn_backward2_tile<P>(gv, xv, prm[0], prm[1], prm[2], prm[3], out, len);
-          tile_out_store<T>(dx, o, len, out);
-        }
-      });
+  if constexpr (kRecompute) {
+    // Pass 2: dx from g recomputed in float.
+    const P* params[5] = {sc.data(), sh.data(), ka.data(), kb.data(), mean};
+    const BnBackward2Fn<P> fn = bn_backward2_recompute_fn<P>(act, r != nullptr);
+    const P alpha = P(act.alpha);
+    for_each_tile<P, 5, 0>(
+        s, params, totals,
+        [&](int64_t o, int64_t len, const P* const* prm, double* const*, P* scratch) {
+          alignas(64) P bdy[kBuf], bx[kBuf], br[kBuf];
+          const P* dyv = tile_in<T>(dy, o, len, bdy);
+          const P* xv = tile_in<T>(x, o, len, bx);
+          const P* rv = r ? tile_in<T>(r, o, len, br) : nullptr;
+          fn(dyv, xv, rv, prm[0], prm[1], prm[2], prm[3], prm[4], scratch, len, alpha);
+          tile_out_store<T>(dx, o, len, scratch);
+        });
+  } else {
+    // Pass 2: g -> dx (in place when g lives in dx).
+    const P* params[4] = {sc.data(), ka.data(), kb.data(), mean};
+    for_each_tile<P, 4, 0>(
+        s, params, totals,
+        [&](int64_t o, int64_t len, const P* const* prm, double* const*, P* scratch) {
+          alignas(64) P bx[kBuf], bg[kBuf];
+          const P* xv = tile_in<T>(x, o, len, bx);
+          if (kDirect && dr == nullptr) {
+            bn_backward2_inplace_tile<P>(tile_out<T>(dx, o, scratch), xv, prm[0], prm[1], prm[2],
+                                         prm[3], len);
+          } else {
+            const P* gv = tile_in<T>(gbuf, o, len, bg);
+            P* out = tile_out<T>(dx, o, scratch);
+            bn_backward2_tile<P>(gv, xv, prm[0], prm[1], prm[2], prm[3], out, len);
+            tile_out_store<T>(dx, o, len, out);
+          }
+        });
+  }
 }
 
 // --------------------------------------------------------------- dispatch --

@@ -77,19 +77,29 @@ KR_HD double kr_erf(double v) { return erf(v); }
 // ------------------------------------------------------------ activations --
 // The same definitions as the CPU kernels (kernels.cpp): relu'(0) = 0,
 // leaky_relu'(0) = alpha, relu6' = 1 on the open interval (0, 6) only, silu
-// = z * sigmoid(z), gelu the exact erf form.
+// = z * sigmoid(z), gelu the exact erf form. Non-finite values as there (and
+// kernels.h): NaN propagates through every activation (the comparisons are
+// ordered so that NaN falls through to z), silu(-inf) = gelu(-inf) = NaN.
+
+// The shift of the statistics of a channel whose first value is v: v, or 0
+// when v is not finite (an inf shift would make the sums NaN where the mean
+// is +-inf).
+template <typename P>
+KR_HD P stats_shift(P v) {
+  return (v - v == P(0)) ? v : P(0);
+}
 
 template <Activation A, typename P>
 KR_HD P act_forward(P z, P alpha) {
   if constexpr (A == Activation::kLinear) {
     return z;
   } else if constexpr (A == Activation::kRelu) {
-    return z > P(0) ? z : P(0);
+    return z < P(0) ? P(0) : z;
   } else if constexpr (A == Activation::kLeakyRelu) {
-    return z > P(0) ? z : alpha * z;
+    return z < P(0) ? alpha * z : z;
   } else if constexpr (A == Activation::kRelu6) {
-    const P r = z > P(0) ? z : P(0);
-    return r < P(6) ? r : P(6);
+    const P r = z < P(0) ? P(0) : z;
+    return r > P(6) ? P(6) : r;
   } else if constexpr (A == Activation::kSilu) {
     return z / (P(1) + kr_exp(-z));
   } else {  // kGelu, exact
@@ -118,17 +128,26 @@ KR_HD P act_grad(P z, P alpha) {
   }
 }
 
-// dy * act'(z); the relu family as a select (no 0 * inf = NaN).
-template <Activation A, typename P>
+// dy * act'(z). kMul: GradRule::kMultiply, TensorFlow's formulas (relu,
+// relu6: the zero regions give dy * 0 and take z = NaN; gelu: dy * Phi(z) +
+// (dy * z) * phi(z)); else kSelect, PyTorch's (relu, relu6 a select: the
+// zero regions give 0; z = NaN passes dy through relu, not relu6). See
+// kernels.h.
+template <Activation A, typename P, bool kMul = false>
 KR_HD P act_backward(P dy, P z, P alpha) {
   if constexpr (A == Activation::kLinear) {
     return dy;
   } else if constexpr (A == Activation::kRelu) {
-    return z > P(0) ? dy : P(0);
+    if constexpr (kMul) return z > P(0) ? dy : dy * P(0);
+    return z <= P(0) ? P(0) : dy;
   } else if constexpr (A == Activation::kLeakyRelu) {
     return z > P(0) ? dy : dy * alpha;
   } else if constexpr (A == Activation::kRelu6) {
-    return (z > P(0) && z < P(6)) ? dy : P(0);
+    return (z > P(0) && z < P(6)) ? dy : (kMul ? dy * P(0) : P(0));
+  } else if constexpr (A == Activation::kGelu && kMul) {
+    const P cdf = P(0.5) * (P(1) + kr_erf(z * P(0.70710678118654752440)));
+    const P pdf = kr_exp(P(-0.5) * z * z) * P(0.39894228040143267794);
+    return dy * cdf + (dy * z) * pdf;
   } else {
     return dy * act_grad<A, P>(z, alpha);
   }
@@ -137,11 +156,14 @@ KR_HD P act_backward(P dy, P z, P alpha) {
 // The kernels are compiled for three activation families only (fewer
 // instantiations): silu, gelu, and the piecewise-linear ones, which are
 // described at run time by ActParams:
-//   forward   z > 0 ? (clip && !(z < hi) ? hi : z) : (zero_lo ? 0 : lo * z)
-//   backward  z > 0 ? (clip && !(z < hi) ? 0 : dy) : (zero_lo ? 0 : dy * lo)
+//   forward   z < 0 ? (zero_lo ? 0 : lo * z) : (clip && z > hi ? hi : z)
+//   backward  z > 0 ? (clip && z >= hi ? zero : dy)
+//                   : zero_lo ? (mul || clip || z <= 0 ? zero : dy) : dy * lo
+//             with zero = mul ? dy * 0 : 0
 // which give exactly act_forward / act_backward above (also for +-0, +-inf
 // and NaN): linear lo = 1; relu zero_lo; leaky_relu lo = alpha; relu6
-// zero_lo, clip at hi = 6.
+// zero_lo, clip at hi = 6; mul for GradRule::kMultiply (which gelu follows
+// too).
 enum class KernelAct : int { kPiecewiseLinear = 0, kSilu = 1, kGelu = 2 };
 
 template <typename P>
@@ -150,6 +172,7 @@ struct ActParams {
   P hi;
   bool clip;
   bool zero_lo;
+  bool mul = false;
 };
 
 inline KernelAct kernel_act(Activation a) {
@@ -162,7 +185,8 @@ inline KernelAct kernel_act(Activation a) {
 
 template <typename P>
 inline ActParams<P> act_params(Act act) {
-  ActParams<P> p{P(1), P(0), false, false};  // linear (silu and gelu ignore it)
+  ActParams<P> p{P(1), P(0), false, false};  // linear (silu ignores it, gelu all but mul)
+  p.mul = act.grad_rule == GradRule::kMultiply;
   if (act.kind == Activation::kRelu) {
     p.zero_lo = true;
   } else if (act.kind == Activation::kLeakyRelu) {
@@ -182,8 +206,8 @@ KR_HD P kact_forward(P z, const ActParams<P>& p) {
   } else if constexpr (K == KernelAct::kGelu) {
     return act_forward<Activation::kGelu, P>(z, P(0));
   } else {
-    if (z > P(0)) return (p.clip && !(z < p.hi)) ? p.hi : z;
-    return p.zero_lo ? P(0) : p.lo * z;
+    if (z < P(0)) return p.zero_lo ? P(0) : p.lo * z;
+    return (p.clip && z > p.hi) ? p.hi : z;  // NaN falls through
   }
 }
 
@@ -192,10 +216,14 @@ KR_HD P kact_backward(P dy, P z, const ActParams<P>& p) {
   if constexpr (K == KernelAct::kSilu) {
     return act_backward<Activation::kSilu, P>(dy, z, P(0));
   } else if constexpr (K == KernelAct::kGelu) {
-    return act_backward<Activation::kGelu, P>(dy, z, P(0));
+    return p.mul ? act_backward<Activation::kGelu, P, true>(dy, z, P(0))
+                 : act_backward<Activation::kGelu, P>(dy, z, P(0));
   } else {
-    if (z > P(0)) return (p.clip && !(z < p.hi)) ? P(0) : dy;
-    return p.zero_lo ? P(0) : dy * p.lo;
+    const P zero = p.mul ? dy * P(0) : P(0);
+    if (z > P(0)) return (p.clip && z >= p.hi) ? zero : dy;
+    // z <= 0 or NaN; NaN passes dy through relu under the select rule only.
+    if (p.zero_lo) return (p.mul || p.clip || z <= P(0)) ? zero : dy;
+    return dy * p.lo;
   }
 }
 
@@ -297,7 +325,9 @@ inline int64_t reduction_splits(Shape s, int vec) {
 
 // Workspace layout, for `splits` partials per channel:
 //   double partial[2][c][splits]       per-block sums (channel-major)
-//   P      coef[4][c]                  batch_norm backward: pass-2 constants
+//   P      coef[5][c]                  batch_norm backward: pass-2 constants
+constexpr int kCoefArrays = 5;  // sc, k, b0, mean, sh
+
 inline size_t partials_bytes(int64_t c, int64_t splits) {
   return size_t(2) * size_t(c) * size_t(splits) * sizeof(double);
 }
@@ -311,7 +341,7 @@ inline size_t workspace_bytes_for(Shape s, size_t param_size, int vec) {
     const int64_t vs = reduction_splits(s, vec);
     if (vs > splits) splits = vs;
   }
-  return partials_bytes(s.c, splits) + size_t(4) * size_t(s.c) * param_size;
+  return partials_bytes(s.c, splits) + size_t(kCoefArrays) * size_t(s.c) * param_size;
 }
 
 }  // namespace detail

@@ -48,6 +48,13 @@ constexpr int kChunkElems = 32;
 // thread), so the grid is one full wave.
 constexpr int kElementwiseBlocksPerSm = 4;
 
+// float16 / bfloat16: the second pass of the batch-norm backward recomputes
+// g = dy * act'(z) in float (bn_dx_recompute_kernel) instead of reading it
+// back rounded to the tensor dtype, so the first pass writes g only to
+// dresidual (when wanted).
+template <class T>
+constexpr bool kRecomputeG = !std::is_same<typename T::S, typename T::P>::value;
+
 // Arguments of the reduction kernels. Statistics use x (and c, m, n, hw,
 // partial, splits) only.
 template <typename P>
@@ -203,6 +210,57 @@ __global__ void __launch_bounds__(kThreads, kElementwiseBlocksPerSm)
   }
 }
 
+// Second pass of batch_norm_add_act_backward for float16 / bfloat16, with g
+// recomputed as in the first pass:
+//   z = x * sc + sh (+ residual), g = dy * act'(z),
+//   dx = sc * g + k * (x - mu) + b0, with coef = [sc, k, b0, mu, sh][c].
+template <class T, KernelAct K, int V>
+__global__ void __launch_bounds__(kThreads, kElementwiseBlocksPerSm)
+    bn_dx_recompute_kernel(const typename T::S* __restrict__ dy,
+                           const typename T::S* __restrict__ x,
+                           const typename T::S* __restrict__ res, typename T::S* __restrict__ dx,
+                           const typename T::P* __restrict__ coef, int64_t c, int64_t nvec,
+                           int64_t inner, int64_t period, bool channels_last,
+                           ActParams<typename T::P> act) {
+  using S = typename T::S;
+  using P = typename T::P;
+  using PK = Pack<S, V>;
+  const int64_t v0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  if (v0 >= nvec) return;
+  const PK* dyp = reinterpret_cast<const PK*>(dy);
+  const PK* xp = reinterpret_cast<const PK*>(x);
+  const PK* rp = reinterpret_cast<const PK*>(res);
+  PK* dxp = reinterpret_cast<PK*>(dx);
+  ChannelIter it(v0, step, inner, period);
+  int64_t cur = -1;
+  P ca[V], ck[V], cb[V], cm[V], cs[V];
+  for (int64_t v = v0; v < nvec; v += step, it.advance()) {
+    if (it.ch != cur) {
+      cur = it.ch;
+      load_channel<V>(coef, P(0), cur, channels_last, ca);
+      load_channel<V>(coef + c, P(0), cur, channels_last, ck);
+      load_channel<V>(coef + 2 * c, P(0), cur, channels_last, cb);
+      load_channel<V>(coef + 3 * c, P(0), cur, channels_last, cm);
+      load_channel<V>(coef + 4 * c, P(0), cur, channels_last, cs);
+    }
+    const PK dyv = dyp[v];
+    const PK xv = xp[v];
+    PK rv{};
+    if (rp != nullptr) rv = rp[v];
+    PK out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const P xj = T::load(xv.v[j]);
+      P z = xj * ca[j] + cs[j];
+      if (rp != nullptr) z += T::load(rv.v[j]);
+      const P g = kact_backward<K, P>(T::load(dyv.v[j]), z, act);
+      out.v[j] = T::store(ca[j] * g + ck[j] * (xj - cm[j]) + cb[j]);
+    }
+    dxp[v] = out;
+  }
+}
+
 // ------------------------------------------------------------- reductions --
 
 // The per-element work of the reductions, shared by both layouts.
@@ -255,7 +313,9 @@ __global__ void __launch_bounds__(kThreads) nhwc_reduce_kernel(ReduceArgs<typena
     if constexpr (kStats) {
       const PK first = xp[cvi];  // row 0: the shift K of each channel
 #pragma unroll
-      for (int j = 0; j < V; ++j) k[j] = ChannelConsts<P>{P(0), P(0), T::load(first.v[j])};
+      for (int j = 0; j < V; ++j) {
+        k[j] = ChannelConsts<P>{P(0), P(0), stats_shift(T::load(first.v[j]))};
+      }
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) k[j] = channel_consts(a, cvi * V + j);
@@ -265,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_reduce_kernel(ReduceArgs<typena
     PK* dxp = reinterpret_cast<PK*>(a.dx);
     PK* drp = reinterpret_cast<PK*>(a.dresidual);
     const bool has_res = rp != nullptr;
-    const bool write_dx = !a.bn || drp == nullptr;
+    const bool write_dx = !a.bn || (drp == nullptr && !kRecomputeG<T>);
 
     P c1[V], c2[V];
 #pragma unroll
@@ -349,7 +409,8 @@ __global__ void __launch_bounds__(kThreads)
     ChannelConsts<P> k;
     if constexpr (kStats) {
       // the shift K
-      k = ChannelConsts<P>{P(0), P(0), T::load(reinterpret_cast<const S*>(a.x)[ch * a.hw])};
+      k = ChannelConsts<P>{P(0), P(0),
+                           stats_shift(T::load(reinterpret_cast<const S*>(a.x)[ch * a.hw]))};
     } else {
       k = channel_consts(a, ch);
     }
@@ -358,7 +419,7 @@ __global__ void __launch_bounds__(kThreads)
     PK* dxp = reinterpret_cast<PK*>(a.dx);
     PK* drp = reinterpret_cast<PK*>(a.dresidual);
     const bool has_res = rp != nullptr;
-    const bool write_dx = !a.bn || drp == nullptr;
+    const bool write_dx = !a.bn || (drp == nullptr && !kRecomputeG<T>);
 
     P c1 = P(0), c2 = P(0);
     int count = 0;
@@ -432,7 +493,8 @@ __device__ __forceinline__ void channel_sums(const double* __restrict__ partial,
   s2 = warp_sum(s2);
 }
 
-// mean = K + s1 / m, var = s2 / m - (s1 / m)^2 (>= 0); NaN for m == 0.
+// mean = K + s1 / m, var = s2 / m - (s1 / m)^2 (>= 0, but NaN stays NaN);
+// NaN for m == 0.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     finish_stats_kernel(const double* __restrict__ partial, int64_t splits, int64_t c, int64_t m,
@@ -449,24 +511,26 @@ __global__ void __launch_bounds__(kThreads)
     var[ch] = P(__longlong_as_double(0x7ff8000000000000LL));
     return;
   }
-  const double shift = double(T::load(x[channels_last ? ch : ch * hw]));
+  const double shift = double(stats_shift(T::load(x[channels_last ? ch : ch * hw])));
   const double inv_m = 1.0 / double(m);
   const double d = s1 * inv_m;
   const double v = s2 * inv_m - d * d;
   mean[ch] = P(shift + d);
-  var[ch] = P(v > 0.0 ? v : 0.0);
+  var[ch] = P(v < 0.0 ? 0.0 : v);
 }
 
 // s1 = sum(g), s2 = sum(g * (x - mu)).
 //   bn:   dbeta = s1, dgamma = s2 * invstd, and the constants of bn_dx_kernel
-//         coef = [sc, -sc * invstd * dgamma / m, -sc * dbeta / m, mean][c].
+//         coef = [sc, -sc * invstd * dgamma / m, -sc * dbeta / m, mean, sh][c]
+//         (sh = beta - mean * sc, for bn_dx_recompute_kernel).
 //   else: dshift = s1, dscale = s2 (when wanted).
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
     finish_sums_kernel(const double* __restrict__ partial, int64_t splits, int64_t c, int64_t m,
                        bool bn, const P* __restrict__ mean, const P* __restrict__ var,
-                       const P* __restrict__ gamma, double epsilon, P* __restrict__ out_scale,
-                       P* __restrict__ out_shift, P* __restrict__ coef) {
+                       const P* __restrict__ gamma, const P* __restrict__ beta, double epsilon,
+                       P* __restrict__ out_scale, P* __restrict__ out_shift,
+                       P* __restrict__ coef) {
   const int64_t ch = int64_t(blockIdx.x) * kWarpsPerFinishBlock + (threadIdx.x >> 5);
   if (ch >= c) return;  // uniform per warp
   double s1, s2;
@@ -488,6 +552,8 @@ __global__ void __launch_bounds__(kThreads)
   coef[c + ch] = P(-scj * invstd * dgamma * inv_m);
   coef[2 * c + ch] = P(-scj * dbeta * inv_m);
   coef[3 * c + ch] = mean[ch];
+  // As channel_consts computes it for the first pass.
+  coef[4 * c + ch] = P((beta != nullptr ? double(beta[ch]) : 0.0) - double(mean[ch]) * scj);
 }
 
 // ------------------------------------------------------------------- host --
@@ -603,6 +669,22 @@ int launch_bn_dx(const void* g, const void* x, void* dx, const void* coef, Shape
   return int(cudaGetLastError());
 }
 
+template <class T, KernelAct K, int V>
+int launch_bn_dx_recompute(const void* dy, const void* x, const void* res, void* dx,
+                           const void* coef, Shape s, ActParams<typename T::P> act,
+                           cudaStream_t st) {
+  using S = typename T::S;
+  using P = typename T::P;
+  const int64_t nvec = s.size() / V;
+  int64_t inner, period;
+  iter_dims<V>(s, inner, period);
+  bn_dx_recompute_kernel<T, K, V><<<elementwise_blocks(nvec), kThreads, 0, st>>>(
+      static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<const S*>(res),
+      static_cast<S*>(dx), static_cast<const P*>(coef), s.c, nvec, inner, period,
+      s.channels_last, act);
+  return int(cudaGetLastError());
+}
+
 // Launches the reduction over m > 0 rows, with the geometry of common.cuh
 // (the one workspace_bytes() sized); returns its splits in *splits.
 template <class T, KernelAct K, bool kStats, int V>
@@ -632,7 +714,8 @@ int launch_reduce(Shape s, const ReduceArgs<typename T::P>& a, bool vec, cudaStr
 }
 
 // Both backward functions (bn selects the formulas): pass 1 (g, outputs,
-// partials), finish, and for bn pass 2 (g -> dx).
+// partials), finish, and for bn pass 2 (g -> dx; float16 / bfloat16: g
+// recomputed from dy, x and residual).
 template <class T, KernelAct K>
 int backward(const void* dy, const void* x, const void* residual, Shape s, const void* scale,
              const void* shift, const void* mean, const void* var, const void* gamma,
@@ -671,15 +754,23 @@ int backward(const void* dy, const void* x, const void* residual, Shape s, const
   P* coef = reinterpret_cast<P*>(static_cast<char*>(workspace) + partials_bytes(s.c, splits));
   finish_sums_kernel<P><<<finish_blocks(s.c), kThreads, 0, st>>>(
       partial, splits, s.c, m, bn, static_cast<const P*>(mean), static_cast<const P*>(var),
-      static_cast<const P*>(gamma), epsilon, static_cast<P*>(out_scale),
-      static_cast<P*>(out_shift), bn ? coef : nullptr);
+      static_cast<const P*>(gamma), static_cast<const P*>(beta), epsilon,
+      static_cast<P*>(out_scale), static_cast<P*>(out_shift), bn ? coef : nullptr);
   const int err = int(cudaGetLastError());
   if (err != 0 || !bn || s.size() == 0) return err;
-  const void* g = dresidual != nullptr ? dresidual : dx;
-  if (vectorizable<T>(s, g, x, dx, nullptr, nullptr)) {
-    return launch_bn_dx<T, T::kVec>(g, x, dx, coef, s, st);
+  if constexpr (kRecomputeG<T>) {
+    const ActParams<P> params = act_params<P>(act);
+    if (vectorizable<T>(s, dy, x, residual, dx, nullptr)) {
+      return launch_bn_dx_recompute<T, K, T::kVec>(dy, x, residual, dx, coef, s, params, st);
+    }
+    return launch_bn_dx_recompute<T, K, 1>(dy, x, residual, dx, coef, s, params, st);
+  } else {
+    const void* g = dresidual != nullptr ? dresidual : dx;
+    if (vectorizable<T>(s, g, x, dx, nullptr, nullptr)) {
+      return launch_bn_dx<T, T::kVec>(g, x, dx, coef, s, st);
+    }
+    return launch_bn_dx<T, 1>(g, x, dx, coef, s, st);
   }
-  return launch_bn_dx<T, 1>(g, x, dx, coef, s, st);
 }
 
 }  // namespace

@@ -169,21 +169,35 @@ const void* ptr_or_null(const py::object& a) {
   return a.is_none() ? nullptr : a.cast<py::array>().data();
 }
 
-kr::Act act_arg(const py::object& activation, double alpha) {
-  if (activation.is_none()) return kr::Act{kr::Activation::kLinear, alpha};
+kr::GradRule grad_rule_arg(const std::string& rule) {
+  if (rule == "select") return kr::GradRule::kSelect;
+  if (rule == "multiply") return kr::GradRule::kMultiply;
+  fail("`grad_rule` must be 'select' (PyTorch's) or 'multiply' (TensorFlow's). Received: "
+       "grad_rule='" + rule + "'");
+}
+
+kr::Activation activation_kind(const py::object& activation) {
+  if (activation.is_none()) return kr::Activation::kLinear;
   if (!py::isinstance<py::str>(activation)) {
     fail("`activation` must be a string. Received: activation=" +
          std::string(py::repr(activation)));
   }
   const std::string a = activation.cast<std::string>();
-  if (a == "linear") return kr::Act{kr::Activation::kLinear, alpha};
-  if (a == "relu") return kr::Act{kr::Activation::kRelu, alpha};
-  if (a == "leaky_relu") return kr::Act{kr::Activation::kLeakyRelu, alpha};
-  if (a == "relu6") return kr::Act{kr::Activation::kRelu6, alpha};
-  if (a == "silu" || a == "swish") return kr::Act{kr::Activation::kSilu, alpha};
-  if (a == "gelu") return kr::Act{kr::Activation::kGelu, alpha};
+  if (a == "linear") return kr::Activation::kLinear;
+  if (a == "relu") return kr::Activation::kRelu;
+  if (a == "leaky_relu") return kr::Activation::kLeakyRelu;
+  if (a == "relu6") return kr::Activation::kRelu6;
+  if (a == "silu" || a == "swish") return kr::Activation::kSilu;
+  if (a == "gelu") return kr::Activation::kGelu;
   fail("`activation` must be one of 'linear', 'relu', 'leaky_relu', 'relu6', 'silu' ('swish'), "
        "'gelu' or None. Received: activation=" + std::string(py::repr(activation)));
+}
+
+kr::Act act_arg(const py::object& activation, double alpha,
+                const std::string& grad_rule = "select") {
+  kr::Act act{activation_kind(activation), alpha};
+  act.grad_rule = grad_rule_arg(grad_rule);
+  return act;
 }
 
 py::array empty_like(const Tensor& t) {
@@ -232,10 +246,11 @@ py::tuple scale_shift_add_act_backward(const py::object& dy_obj, const py::objec
                                        const py::object& scale_obj, const py::object& shift_obj,
                                        const py::object& residual_obj,
                                        const py::object& activation, double alpha,
-                                       bool channels_last, bool bfloat16) {
+                                       bool channels_last, bool bfloat16,
+                                       const std::string& grad_rule) {
   Tensor x = tensor_arg(x_obj, "x", channels_last, bfloat16);
   Tensor dy = like_arg(dy_obj, "dy", x, channels_last, bfloat16);
-  const kr::Act act = act_arg(activation, alpha);
+  const kr::Act act = act_arg(activation, alpha, grad_rule);
   py::object scale = param_arg(scale_obj, "scale", x.shape.c, x.dtype, true);
   py::object shift = param_arg(shift_obj, "shift", x.shape.c, x.dtype, false);
   Tensor r{};
@@ -274,10 +289,11 @@ py::tuple batch_norm_add_act_backward(const py::object& dy_obj, const py::object
                                       const py::object& gamma_obj, const py::object& beta_obj,
                                       const py::object& residual_obj, double epsilon,
                                       const py::object& activation, double alpha,
-                                      bool channels_last, bool bfloat16) {
+                                      bool channels_last, bool bfloat16,
+                                      const std::string& grad_rule) {
   Tensor x = tensor_arg(x_obj, "x", channels_last, bfloat16);
   Tensor dy = like_arg(dy_obj, "dy", x, channels_last, bfloat16);
-  const kr::Act act = act_arg(activation, alpha);
+  const kr::Act act = act_arg(activation, alpha, grad_rule);
   if (!(epsilon >= 0.0) || !std::isfinite(epsilon)) {
     std::ostringstream os;
     os << "`epsilon` must be a finite number >= 0. Received: epsilon=" << epsilon;
@@ -420,12 +436,17 @@ Raises:
         py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual") = py::none(),
         py::kw_only(), py::arg("activation") = "relu", py::arg("alpha") = 0.2,
         py::arg("channels_last") = true, py::arg("bfloat16") = false,
+        py::arg("grad_rule") = "select",
         R"doc(Gradients of scale_shift_add_act with scale and shift as inputs.
 
 Args:
     dy: gradient of `y`, an array like `x`.
     x, scale, shift, residual, activation, alpha, channels_last, bfloat16:
         as given to `scale_shift_add_act`.
+    grad_rule: how the relu, relu6 and gelu gradients treat non-finite
+        values (GradRule in kernels.h): "select", PyTorch's (relu: 0 where
+        z <= 0, dy where z is NaN), or "multiply", TensorFlow's (dy *
+        act'(z) with act'(NaN) = 0: a NaN or inf dy gives NaN everywhere).
 
 Returns:
     Tuple `(dx, dresidual, dscale, dshift)`; dresidual is None when
@@ -438,7 +459,7 @@ Raises:
         py::arg("mean"), py::arg("var"), py::arg("gamma"), py::arg("beta"),
         py::arg("residual") = py::none(), py::kw_only(), py::arg("epsilon") = 1e-3,
         py::arg("activation") = "relu", py::arg("alpha") = 0.2, py::arg("channels_last") = true,
-        py::arg("bfloat16") = false,
+        py::arg("bfloat16") = false, py::arg("grad_rule") = "select",
         R"doc(Gradients of the training forward
 act(gamma * (x - mean) / sqrt(var + epsilon) + beta + residual), where mean
 and var are the batch statistics of `x`.
@@ -452,6 +473,7 @@ Args:
     epsilon: added to var.
     activation, alpha, channels_last, bfloat16: as for
         `scale_shift_add_act`.
+    grad_rule: as for `scale_shift_add_act_backward`.
 
 Returns:
     Tuple `(dx, dresidual, dgamma, dbeta)`; dresidual is None when

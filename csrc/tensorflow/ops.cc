@@ -248,6 +248,10 @@ class FusedOpBase : public OpKernel {
                     "activation must be an activation code in [0, 5]. Received: activation=" +
                     std::to_string(activation)));
     act_ = kr::Act{static_cast<kr::Activation>(activation), static_cast<double>(alpha)};
+    // TensorFlow's gradients multiply (ReluGrad and Relu6Grad: dy *
+    // act'(z); gelu's term by term): with its rule the native gradients
+    // carry the NaN and inf of the composite path.
+    act_.grad_rule = kr::GradRule::kMultiply;
   }
 
  protected:
@@ -378,11 +382,9 @@ class BnAddActBackwardOp : public FusedOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({shape.c}), &dbeta));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             3, has_residual_ ? x.shape() : TensorShape({0}), &dresidual));
-    if (shape.size() == 0) {
-      Fill<U>(dgamma, U(0));
-      Fill<U>(dbeta, U(0));
-      return;
-    }
+    // An empty batch runs too: the kernels give dbeta = 0 and dgamma = 0 *
+    // invstd, NaN with the NaN statistics of an empty batch, as the
+    // composite path's gradients are.
     kr::cpu::batch_norm_add_act_backward(
         DTypeOf<T>::value, Ptr(dy), Ptr(x), has_residual_ ? Ptr(residual) : nullptr, shape,
         Ptr(mean), Ptr(var), Ptr(gamma), Ptr(beta), static_cast<double>(epsilon_), act_, Ptr(dx),

@@ -10,6 +10,7 @@
 //                    channels_last) -> (y, mean, var)
 //       Batch statistics of x (biased variance), then
 //       y = act(gamma * (x - mean) / sqrt(var + epsilon) + beta + residual).
+//       An empty batch gives NaN statistics and an empty y.
 //   bn_add_act_backward(dy, x, residual?, mean, var, gamma, beta, epsilon,
 //                       activation, alpha, channels_last, need_residual_grad)
 //       -> (dx, dresidual, dgamma, dbeta)
@@ -130,11 +131,9 @@ TrainArgs check_train(const at::Tensor& x, const at::Tensor& gamma, const at::Te
                       const std::optional<at::Tensor>& residual, double epsilon,
                       int64_t activation, double alpha, bool channels_last, const char* op) {
   TrainArgs args;
+  // An empty batch (m = 0) is allowed, as on the composite path: its
+  // statistics are NaN, y is empty, dbeta = 0 and dgamma = 0 * invstd (NaN).
   args.shape = check_x(x, channels_last, op);
-  TORCH_CHECK_VALUE(args.shape.m() > 0, op,
-                    ": `x` needs at least one value per channel for batch statistics. "
-                    "Received: x.shape=",
-                    x.sizes());
   check_param(gamma, x, args.shape.c, "gamma", op);
   check_param(beta, x, args.shape.c, "beta", op);
   if (residual.has_value() && residual->defined()) {

@@ -661,6 +661,8 @@ def test_bad_input(core):
         core.batch_norm_add_act_backward(x, x, s, s, s, s, epsilon=-1.0)
     with pytest.raises(ValueError, match=r"num_threads=-1"):
         core.set_num_threads(-1)
+    with pytest.raises(ValueError, match=r"grad_rule='max'"):
+        core.batch_norm_add_act_backward(x, x, s, s, s, s, grad_rule="max")
 
 
 def test_non_contiguous_input_is_copied(core):
@@ -672,12 +674,29 @@ def test_non_contiguous_input_is_copied(core):
     np.testing.assert_allclose(var, x.var((0, 1, 2)), rtol=1e-5)
 
 
-def test_empty_batch(core):
-    x = np.zeros((0, 3, 3, 4), np.float32)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", [(0, 3, 3, 4), (2, 0, 3, 4)], ids=["n0", "h0"])
+def test_empty_batch(core, dtype, shape):
+    """As the composite path: NaN statistics, empty outputs, dbeta = 0 and
+    dgamma = (sum of nothing) * invstd = NaN, zero epilogue gradients."""
+    x = np.zeros(shape, dtype)
     mean, var = core.batch_stats(x)
     assert np.isnan(mean).all() and np.isnan(var).all()
     y = core.scale_shift_add_act(x, np.ones(4), np.zeros(4))
     assert y.shape == x.shape
+    gamma, beta = np.ones(4), np.zeros(4)
+    dx, dr, dgamma, dbeta = core.batch_norm_add_act_backward(
+        x, x, mean, var, gamma, beta, x, activation="gelu"
+    )
+    assert dx.shape == x.shape and dr.shape == x.shape
+    np.testing.assert_array_equal(dbeta, np.zeros(4))
+    assert np.isnan(dgamma).all()
+    dx, dr, dscale, dshift = core.scale_shift_add_act_backward(
+        x, x, gamma, beta, x, activation="silu"
+    )
+    assert dx.shape == x.shape and dr.shape == x.shape
+    np.testing.assert_array_equal(dscale, np.zeros(4))
+    np.testing.assert_array_equal(dshift, np.zeros(4))
 
 
 # ---------------------------------------------------------------- property --

@@ -53,9 +53,31 @@ struct Shape {
   int64_t size() const { return n * c * hw; }
 };
 
+// How the activation gradients treat non-finite values, where the two
+// frameworks differ; each adapter asks for its own framework's rule, so that
+// the native path gives the NaN and inf of the composite one.
+//   kSelect    PyTorch: relu and relu6 g = (z in the zero region) ? 0 : dy,
+//              so a NaN or inf dy in the zero region gives 0; z = NaN passes
+//              dy through relu (z <= 0 ? 0 : dy) but not through relu6
+//              ((0 < z < 6) ? dy : 0, as torch's vectorised CPU kernel);
+//              gelu g = dy * gelu'(z).
+//   kMultiply  TensorFlow: relu and relu6 g = dy * act'(z), act'(NaN) = 0: a
+//              NaN or inf dy gives NaN in the zero region too, z = NaN gives
+//              0 * dy; gelu g = dy * Phi(z) + (dy * z) * phi(z) (NaN for an
+//              inf dy at z = 0, say).
+// The other activations compute g = dy * act'(z) under both rules; leaky_relu
+// z > 0 ? dy : dy * alpha.
+enum class GradRule : int { kSelect = 0, kMultiply = 1 };
+
+// Non-finite values: every activation propagates NaN (act(NaN) = NaN) and
+// maps +-inf as Keras' composite path does: relu(-inf) = 0, relu6(+-inf) =
+// 6 / 0, leaky_relu(-inf) = -inf, silu(-inf) = gelu(-inf) = NaN (-inf * 0,
+// as z * sigmoid(z) and z * Phi(z) give), silu(+inf) = gelu(+inf) = inf. The
+// derivatives: silu' and gelu' are NaN at +-inf (inf * 0 in their formulas).
 struct Act {
   Activation kind;
   double alpha;  // leaky_relu's negative slope; ignored otherwise
+  GradRule grad_rule = GradRule::kSelect;
 };
 
 const char* version();  // "keras_residual kernels <semver>"
@@ -64,6 +86,9 @@ namespace cpu {
 
 // Per-channel mean and biased variance (divided by m, as Keras'
 // BatchNormalization uses), accumulated in at least the parameter type.
+// As on the composite path: a NaN in a channel makes its mean and variance
+// NaN, an inf its mean +-inf (NaN with both signs) and its variance NaN;
+// m == 0 gives NaN for both.
 void batch_stats(DType dtype, const void* x, Shape shape, void* mean, void* var);
 
 // y = act(x * scale + shift + residual). scale may be nullptr (1),
@@ -90,8 +115,13 @@ void scale_shift_add_act_backward(DType dtype, const void* dy, const void* x,
 //   g = dy * act'(z), dbeta = sum(g), dgamma = sum(g * xhat), dresidual = g,
 //   dx = gamma * invstd / m * (m * g - dbeta - xhat * dgamma).
 // dresidual may be nullptr. Two passes over memory: the first writes g (into
-// dresidual, or into dx when dresidual is nullptr) and reduces dbeta and
-// dgamma; the second turns g into dx.
+// dresidual, or for float32 / float64 into dx when dresidual is nullptr) and
+// reduces dbeta and dgamma; the second turns g into dx. For float16 and
+// bfloat16 the second pass recomputes g in float from dy, x and residual
+// rather than reading it back rounded, so that dx is as accurate as its own
+// rounding allows. m == 0 (an empty batch) gives dbeta = 0 and dgamma =
+// 0 * invstd (NaN with the NaN statistics of an empty batch), as the
+// composite path does.
 void batch_norm_add_act_backward(DType dtype, const void* dy, const void* x,
                                  const void* residual, Shape shape, const void* mean,
                                  const void* var, const void* gamma, const void* beta,
