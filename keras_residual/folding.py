@@ -78,6 +78,7 @@ def _fold_block(block):
     folded = type(block).from_config(_folded_config(block))
     folded.build(_input_shape(block))
     _fold_pairs(block.conv_bn_pairs(), folded.conv_bn_pairs())
+    _copy_unfolded(block, folded)
     return folded
 
 
@@ -99,8 +100,7 @@ def _fold_resnet(model):
         pairs += block.conv_bn_pairs()
         folded_pairs += folded_block.conv_bn_pairs()
     _fold_pairs(pairs, folded_pairs)
-    if model.predictions is not None:
-        folded.predictions.set_weights(model.predictions.get_weights())
+    _copy_unfolded(model, folded)
     return folded
 
 
@@ -115,6 +115,41 @@ def _fold_graph_model(model):
         if not isinstance(layer, BaseResidualBlock | ResNet):
             folded_layer.set_weights(layer.get_weights())
     return folded
+
+
+def _leaf_layers(layer):
+    return {
+        sub.name: sub
+        for sub in layer._flatten_layers(include_self=False)
+        if sub.weights and not sub._layers
+    }
+
+
+def _copy_unfolded(original, folded):
+    """Copies the weights that folding leaves as they are.
+
+    Those of the layers of `folded` that have the same weights in `original`:
+    the classifier, squeeze-excitation convs and BNs that follow no conv
+    (pre-activation, `post_bn`). The folded convs have a bias more.
+    """
+    sources = _leaf_layers(original)
+    for name, layer in _leaf_layers(folded).items():
+        source = sources.get(name)
+        if source is None:
+            continue
+        shapes = [tuple(w.shape) for w in source.weights]
+        if shapes == [tuple(w.shape) for w in layer.weights] and not (
+            isinstance(layer, keras.layers.Conv2D) and layer.use_bias != source.use_bias
+        ):
+            if not _is_folded_conv(layer, folded):
+                layer.set_weights(source.get_weights())
+
+
+def _is_folded_conv(layer, folded):
+    pairs = list(folded.conv_bn_pairs())
+    for block in getattr(folded, "blocks", []):
+        pairs += block.conv_bn_pairs()
+    return any(layer is conv for conv, _ in pairs)
 
 
 def _fold_pairs(pairs, folded_pairs):

@@ -4,39 +4,30 @@ from __future__ import annotations
 
 import keras
 
-from keras_residual import _validation as check
+from keras_residual.layers import _args
 from keras_residual.layers._base import BaseResidualBlock
-
-STRIDE_ON = ("3x3", "1x1")
 
 
 @keras.saving.register_keras_serializable(package="keras_residual")
 class BottleneckBlock(BaseResidualBlock):
-    """The bottleneck block of ResNet50, ResNet101 and ResNet152.
+    """The bottleneck block of ResNet50, ResNet101, ResNet152 and ResNeXt.
 
-    A 1x1 convolution narrows to `filters` channels, a 3x3 convolution works
-    there, and a 1x1 convolution widens to `expansion * filters` (4x)
-    channels; each is followed by BatchNormalization. The shortcut is the
-    identity, or a 1x1 conv + BN projection when the stride or the width
-    changes.
+    A 1x1 convolution narrows to the inner width (`filters`, or
+    `int(filters * width_per_group / 64) * groups`), a 3x3 convolution
+    (grouped, for ResNeXt) works there, and a 1x1 convolution widens to
+    `expansion * filters` (4x) channels; each is followed by
+    BatchNormalization. The shortcut is the identity, or a 1x1 conv + BN
+    projection when the stride or the width changes.
 
     Args:
-        filters: int. Channels of the inner convolutions. The output has
-            `4 * filters` channels.
+        filters: int. Channels of the inner convolutions (with the default
+            `groups` and `width_per_group`). The output has `4 * filters`
+            channels.
         strides: int or tuple of 2 ints. Stride of the block.
             Defaults to `1`.
-        stride_on: `"3x3"` or `"1x1"`. Which convolution carries the stride.
-            `"3x3"` is ResNet v1.5, as in torchvision and timm; `"1x1"` is
-            the original v1 layout of `keras.applications`.
-            Defaults to `"3x3"`.
-        kernel_size: int or tuple of 2 ints. Size of the middle convolution.
-            Defaults to `3`.
-        **kwargs: every other argument of `ResidualBlock` (`activation`,
-            `shortcut`, `use_bias`, `momentum`, `epsilon`,
-            `kernel_initializer`, `kernel_regularizer`, `zero_init_residual`,
-            `drop_path_rate`, `seed`, `data_format`, `synchronized`, `implementation`,
-            `folded`), with the same
-            defaults, and the base layer arguments.
+    ARGUMENTS
+        **kwargs: base layer arguments, such as `name`, `dtype` and
+            `trainable`.
 
     Input shape:
         4D tensor `(batch, height, width, channels)` for `"channels_last"`,
@@ -56,23 +47,45 @@ class BottleneckBlock(BaseResidualBlock):
     >>> block = BottleneckBlock(64, strides=2)
     >>> block.compute_output_shape((None, 56, 56, 256))
     (None, 28, 28, 256)
+    >>> BottleneckBlock(64, groups=32, width_per_group=4).width  # ResNeXt 32x4d
+    128
     """
 
     expansion = 4
+    kind = _args.BOTTLENECK
 
-    def __init__(self, filters, strides=1, stride_on="3x3", kernel_size=3, **kwargs):
-        self.stride_on = check.one_of(stride_on, "stride_on", STRIDE_ON)
-        super().__init__(filters, kernel_size=kernel_size, strides=strides, **kwargs)
+    def __init__(
+        self,
+        filters,
+        strides=1,
+        stride_on=_args.BY_NAME["stride_on"].default,
+        kernel_size=_args.BY_NAME["kernel_size"].default,
+        **kwargs,
+    ):
+        super().__init__(
+            filters, strides=strides, stride_on=stride_on, kernel_size=kernel_size, **kwargs
+        )
+
+    @property
+    def width(self) -> int:
+        """Channels of the inner convolutions, as torchvision computes them."""
+        return int(self.filters * self.width_per_group / 64) * self.groups
 
     def _unit_specs(self):
+        if int(self.filters * self.width_per_group / 64) < 1:
+            raise ValueError(
+                "`filters * width_per_group / 64` must be at least 1, so that every group "
+                f"has a channel. Received: filters={self.filters}, "
+                f"width_per_group={self.width_per_group}"
+            )
         on_1x1 = self.stride_on == "1x1"
         return [
-            (self.filters, 1, self.strides if on_1x1 else 1),
-            (self.filters, self.kernel_size, 1 if on_1x1 else self.strides),
-            (self.output_channels, 1, 1),
+            (self.width, 1, self.strides if on_1x1 else 1, 1),
+            (self.width, self.kernel_size, 1 if on_1x1 else self.strides, self.groups),
+            (self.output_channels, 1, 1, 1),
         ]
 
-    def get_config(self):
-        config = super().get_config()
-        config["stride_on"] = self.stride_on
-        return config
+
+BottleneckBlock.__doc__ = BottleneckBlock.__doc__.replace(
+    "    ARGUMENTS\n", _args.docstring(_args.for_block(_args.BOTTLENECK)) + "\n"
+)

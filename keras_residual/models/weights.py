@@ -20,7 +20,14 @@ import numpy as np
 # keras.applications' own download location and file hashes.
 from keras.src.applications.resnet import BASE_WEIGHTS_PATH, WEIGHTS_HASHES
 
-IMAGENET_MODELS = ("resnet50", "resnet101", "resnet152")
+IMAGENET_MODELS = (
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet50v2",
+    "resnet101v2",
+    "resnet152v2",
+)
 
 
 def check_weights_argument(weights, model) -> None:
@@ -30,7 +37,7 @@ def check_weights_argument(weights, model) -> None:
     if weights == "imagenet":
         key = getattr(model, "default_name", None)
         if key not in IMAGENET_MODELS:
-            available = "ResNet50, ResNet101 and ResNet152"
+            available = "ResNet50, ResNet101, ResNet152 and their V2"
             raise ValueError(
                 f"ImageNet weights exist for {available} (keras.applications), not "
                 f"for {type(model).__name__}. Received: weights='imagenet'"
@@ -45,11 +52,11 @@ def check_weights_argument(weights, model) -> None:
                 "With `weights='imagenet'`, `classifier_activation` must be None or "
                 f"'softmax'. Received: classifier_activation={model.classifier_activation!r}"
             )
-        layout = {
-            "stride_on": "1x1",
-            "use_bias": True,
-            "stage_filters": (64, 128, 256, 512),
-        }
+        # The files hold keras.applications' layout: the preset's defaults.
+        layout = {"stage_filters": (64, 128, 256, 512), "stem": "standard", "stem_width": 64}
+        layout.update(getattr(model, "preset_defaults", {}))
+        layout.setdefault("stride_on", "1x1")
+        layout.setdefault("use_bias", True)
         for arg, value in layout.items():
             if getattr(model, arg) != value:
                 raise ValueError(
@@ -251,7 +258,7 @@ def from_keras_applications(model, **kwargs):
     presets = {
         cls.stage_depths_preset: cls
         for cls in resnet.PRESETS
-        if cls.block_type_preset == "bottleneck"
+        if cls.block_type_preset == "bottleneck" and not cls.preset_defaults
     }
     if stage_depths in presets:
         ours = presets[stage_depths](include_top=include_top, **kwargs)

@@ -250,9 +250,10 @@ def _validate_shapes(inputs, kernel, bn_variables, bias, channel_axis):
         )
     in_channels = _static_shape(inputs)[channel_axis]
     kh, kw, kernel_in, filters = _static_shape(kernel)
-    if in_channels is not None and kernel_in is not None and in_channels != kernel_in:
+    if in_channels is not None and kernel_in is not None and in_channels % kernel_in:
         raise ValueError(
-            f"`kernel` expects {kernel_in} input channels but `inputs` has {in_channels}. "
+            f"`kernel` expects {kernel_in} input channels (per group) but `inputs` has "
+            f"{in_channels}, not a multiple. "
             f"Received: inputs.shape={_static_shape(inputs)}, kernel.shape={_static_shape(kernel)}"
         )
     names = ("gamma", "beta", "moving_mean", "moving_variance")
