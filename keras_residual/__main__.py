@@ -35,7 +35,8 @@ def main(argv=None) -> int:
 
     bench = commands.add_parser(
         "bench",
-        help="time keras.applications, composite, native, folded and the limit side by side",
+        help="time keras.applications, torchvision (torch), composite, native, auto, folded "
+        "and the limit side by side",
     )
     from keras_residual import bench as bench_lib
 

@@ -12,7 +12,7 @@ import pytest
 import keras_residual
 from keras_residual import __main__ as cli
 from keras_residual import bench
-from keras_residual.bench import _models, _report
+from keras_residual.bench import _models, _peer, _report
 
 RECORD_KEYS = {
     "model",
@@ -26,6 +26,8 @@ RECORD_KEYS = {
     "images_per_second",
     "ratio_vs_keras_applications",
     "ratio_vs_limit",
+    "ratio_vs_torchvision",
+    "arch",
     "spread",
     "warmup_seconds",
     "skipped",
@@ -76,7 +78,8 @@ def test_block_run_writes_every_row_of_both_modes(tmp_path):
     assert results["device"] in markdown
 
     records = {(r["mode"], r["implementation"]): r for r in results["records"]}
-    assert len(records) == len(results["records"]) == 10
+    assert len(records) == len(results["records"]) == 2 * len(bench.LABELS) == 14
+    assert results["arch"] == results["config"]["arch"] == "keras"
     for mode in ("inference", "train"):
         assert f"## {mode}" in markdown
         limit = records[mode, "limit"]
@@ -94,6 +97,8 @@ def test_block_run_writes_every_row_of_both_modes(tmp_path):
             assert record["image_size"] == 8
             assert record["device"] == results["device"]
             assert f"| {label} |" in markdown
+            # torchvision has no stand-alone block: no ratio to it anywhere.
+            assert record["ratio_vs_torchvision"] is None
             if record["images_per_second"] is None:
                 assert isinstance(record["skipped"], str) and record["skipped"]
                 assert record["ratio_vs_limit"] is None
@@ -112,13 +117,16 @@ def test_block_run_writes_every_row_of_both_modes(tmp_path):
             )
     # Folding is for inference: the train row says why it is skipped.
     assert "inference-only" in records["train", "folded"]["skipped"]
-    # Only the native row may be skipped otherwise, and only for a reason.
+    # Only the native and torchvision rows may be skipped otherwise, and only
+    # for a reason.
     for (mode, label), record in records.items():
         if record["skipped"] and (mode, label) != ("train", "folded"):
-            assert label == "native" and "native" in record["skipped"]
+            assert label in ("native", "torchvision"), record["skipped"]
+            assert label in record["skipped"]
+    assert "vs torchvision" not in markdown
     # Every timed row computed the same network; the limit has fewer weights.
     params = {label: records["inference", label]["notes"].get("params") for label in bench.LABELS}
-    assert params["keras.applications"] == params["composite"] == 71_552
+    assert params["keras.applications"] == params["composite"] == params["auto"] == 71_552
     assert params["limit"] == 69_632  # the three convolution kernels only
 
 
@@ -143,6 +151,9 @@ def test_quick_fills_only_what_is_not_given(monkeypatch):
     seen.clear()
     assert cli.main(["bench", "--implementations", "limit,composite"]) == 0
     assert seen == {"implementations": ("limit", "composite")}
+    seen.clear()
+    assert cli.main(["bench", "--arch", "v1.5", "--implementations", "auto,torchvision"]) == 0
+    assert seen == {"arch": "v1.5", "implementations": ("auto", "torchvision")}
 
 
 def test_a_failed_row_gives_exit_status_1(monkeypatch):
@@ -158,6 +169,7 @@ def test_a_failed_row_gives_exit_status_1(monkeypatch):
         ["--model", "vgg16"],
         ["--batch-size", "0"],
         ["--dtype", "float64"],
+        ["--arch", "v2"],
     ],
 )
 def test_bad_options_are_refused(argv, capsys):
@@ -175,11 +187,147 @@ def test_bad_options_are_refused(argv, capsys):
         ({"batch_size": 0}, "Received: batch_size=0"),
         ({"repeats": 1.5}, "Received: repeats=1.5"),
         ({"model": "resnet18", "image_size": 16}, "Received: image_size=16"),
+        ({"arch": "v2"}, "Received: arch='v2'"),
     ],
 )
 def test_run_validates_its_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         bench.run(out=None, **kwargs)
+
+
+def _tiny_run(tmp_path, **kwargs):
+    options = {
+        "model": "block",
+        "mode": "inference",
+        "batch_size": 2,
+        "image_size": 8,
+        "repeats": 1,
+        "steps": 1,
+        "warmup": 1,
+        "out": str(tmp_path),
+        "log": lambda message: None,
+    }
+    return bench.run(**{**options, **kwargs})
+
+
+def test_auto_row_is_timed_with_a_well_formed_record(tmp_path):
+    results = _tiny_run(tmp_path, implementations=("keras.applications", "auto"))
+    records = {r["implementation"]: r for r in results["records"]}
+    assert set(records) == {"keras.applications", "auto"}
+    auto = records["auto"]
+    assert RECORD_KEYS <= set(auto)
+    assert auto["mode"] == "inference" and auto["skipped"] is None and not auto["error"]
+    assert auto["images_per_second"] > 0
+    assert auto["arch"] == "keras"
+    np.testing.assert_allclose(
+        auto["ratio_vs_keras_applications"],
+        auto["images_per_second"] / records["keras.applications"]["images_per_second"],
+    )
+    assert auto["ratio_vs_torchvision"] is None
+    # The record says what "auto" runs here: native kernels or composite.
+    assert auto["notes"]["implementation"].startswith("auto: ")
+    assert auto["notes"]["params"] == records["keras.applications"]["notes"]["params"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| auto |" in markdown and "arch of the keras_residual rows" in markdown
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["records"][1]["implementation"] == "auto"
+
+
+def test_torchvision_row_is_skipped_for_the_block(tmp_path):
+    results = _tiny_run(tmp_path, implementations=("torchvision",), mode="both")
+    assert [r["mode"] for r in results["records"]] == ["inference", "train"]
+    for record in results["records"]:
+        assert record["images_per_second"] is None and not record["error"]
+        assert "block" in record["skipped"] or "torch backend only" in record["skipped"]
+        assert record["arch"] == "v1.5"
+    assert "| torchvision | skipped: " in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.skipif(
+    keras.config.backend() == "torch", reason="the torchvision row runs on the torch backend"
+)
+def test_torchvision_row_is_skipped_off_the_torch_backend(tmp_path):
+    results = _tiny_run(
+        tmp_path,
+        model="resnet18",
+        image_size=32,
+        implementations=("torchvision",),
+        out=None,
+    )
+    (record,) = results["records"]
+    assert record["images_per_second"] is None and not record["error"]
+    assert "torch backend only" in record["skipped"]
+    assert keras.config.backend() in record["skipped"]
+    assert "torchvision" not in results["versions"]
+
+
+def test_block_and_other_backends_are_unavailable():
+    with pytest.raises(_models.Unavailable, match="no stand-alone block"):
+        _peer.build("block", "float32", "torch")
+    assert "torch backend only" in _peer.unavailable_reason("resnet50", "jax")
+
+
+def test_torchvision_row_says_why_when_torchvision_does_not_import(monkeypatch):
+    def missing():
+        raise ImportError("torchvision is not installed")
+
+    monkeypatch.setattr(_peer, "import_torchvision", missing)
+    with pytest.raises(_models.Unavailable, match="torchvision is not importable"):
+        _peer.build("resnet18", "float32", "torch")
+
+
+def _bias_free_v15(network):
+    layers = list(network._flatten_layers(include_self=False))
+    convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
+    norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert convs and len(norms) == len(convs)
+    assert not any(conv.use_bias for conv in convs)
+    assert {(bn.epsilon, bn.momentum) for bn in norms} == {(1e-5, 0.9)}
+    assert network.padding == "symmetric"
+    return convs
+
+
+def _trainable_count(network):
+    return sum(int(np.prod(weight.shape)) for weight in network.trainable_weights)
+
+
+def test_arch_v15_builds_resnet18_as_torchvision():
+    v15, _ = _models.build("composite", "resnet18", 32, "channels_last", arch="v1.5")
+    _bias_free_v15(v15)
+    # torchvision.models.resnet18's parameter count (its BN statistics are buffers).
+    assert _trainable_count(v15) == 11_689_512
+    auto, notes = _models.build("auto", "resnet18", 32, "channels_last", arch="v1.5")
+    assert auto.implementation == "auto" and auto.padding == "symmetric"
+    assert notes["implementation"].startswith("auto: ")
+    limit = _models.stock_network("resnet18", 32, limit=True)
+    assert _models.conv_signature(limit) == _models.conv_signature(v15)
+    # The default arch is the keras.applications network, biases included.
+    keras_arch, _ = _models.build("composite", "resnet18", 32, "channels_last")
+    assert keras_arch.count_params() == _models.stock_network("resnet18", 32).count_params()
+
+
+@pytest.mark.slow
+def test_arch_v15_builds_resnet50_with_the_stride_on_the_3x3():
+    v15, _ = _models.build("composite", "resnet50", 32, "channels_last", arch="v1.5")
+    convs = _bias_free_v15(v15)
+    assert v15.stride_on == "3x3"
+    strided = {tuple(conv.kernel_size) for conv in convs if tuple(conv.strides) == (2, 2)}
+    # The stem's 7x7, the 3x3 of each strided block and the projections' 1x1.
+    assert strided == {(7, 7), (3, 3), (1, 1)}
+    strided_1x1 = [conv for conv in convs if conv.kernel_size == (1, 1) and conv.strides == (2, 2)]
+    assert len(strided_1x1) == 3  # the projection shortcuts only
+    assert _trainable_count(v15) == 25_557_032  # torchvision.models.resnet50's
+    limit, _ = _models.build("limit", "resnet50", 32, "channels_last", arch="v1.5")
+    assert _models.conv_signature(limit) == _models.conv_signature(v15)
+    keras_limit = _models.stock_network("resnet50", 32, limit=True)
+    assert _models.conv_signature(keras_limit) != _models.conv_signature(v15)
+
+
+def test_arch_v15_block_row():
+    block, _ = _models.build("composite", "block", 8, "channels_last", arch="v1.5")
+    convs = [layer for layer in block._flatten_layers() if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 3 and not any(conv.use_bias for conv in convs)
+    assert block.count_params() == 69_632 + 4 * (64 + 64 + 256)
 
 
 def _convolutions(network):
@@ -277,6 +425,7 @@ def _fake_results():
 
 def test_ratios_and_markdown_of_given_records(tmp_path):
     results = _fake_results()
+    assert all(r["ratio_vs_torchvision"] is None for r in results["records"])
     by_label = {r["implementation"]: r for r in results["records"]}
     assert by_label["keras.applications"]["ratio_vs_limit"] == 0.5
     assert by_label["limit"]["ratio_vs_keras_applications"] == 2.0
@@ -285,5 +434,49 @@ def test_ratios_and_markdown_of_given_records(tmp_path):
     assert "| keras.applications | 100.0 | 90.0-110.0 | 80.0-120.0 | 1.00x | 0.50x | 1.5 |" in table
     assert "| native | skipped: no kernels here |" in table
     assert "| limit | 200.0 |" in table and "| 2.00x | 1.00x |" in table
+    assert "vs torchvision" not in table
     paths = _report.write(results, str(tmp_path))
     assert json.loads(open(paths["json"]).read())["records"][2]["skipped"] == "no kernels here"
+
+
+def test_ratio_to_torchvision_of_given_records(tmp_path):
+    results = _fake_results()
+    records = [
+        {k: v for k, v in r.items() if not k.startswith("ratio_")} for r in results["records"]
+    ]
+    peer = {
+        **records[0],
+        "implementation": "torchvision",
+        "images_per_second": 50.0,
+        "spread": {"q1": 45.0, "q3": 55.0, "min": 40.0, "max": 60.0},
+    }
+    train = {**records[0], "mode": "train", "images_per_second": 10.0}
+    results["records"] = [*records, peer, train]
+    results["config"]["implementations"].insert(1, "torchvision")
+    results["config"]["modes"].append("train")
+    results["config"]["arch"] = "v1.5"
+    bench._add_ratios(results["records"])
+    by_key = {(r["mode"], r["implementation"]): r for r in results["records"]}
+    assert by_key["inference", "keras.applications"]["ratio_vs_torchvision"] == 2.0
+    assert by_key["inference", "limit"]["ratio_vs_torchvision"] == 4.0
+    assert by_key["inference", "torchvision"]["ratio_vs_torchvision"] == 1.0
+    assert by_key["inference", "torchvision"]["ratio_vs_keras_applications"] == 0.5
+    assert by_key["inference", "native"]["ratio_vs_torchvision"] is None
+    # No torchvision record in the train mode: no ratio to it there.
+    assert by_key["train", "keras.applications"]["ratio_vs_torchvision"] is None
+    table = _report.markdown(results)
+    assert "| vs keras.applications | vs torchvision | vs limit | warm-up s |" in table
+    assert "|---|---:|---:|---:|---:|---:|---:|---:|" in table
+    assert (
+        "| keras.applications | 100.0 | 90.0-110.0 | 80.0-120.0 | 1.00x | 2.00x | 0.50x | 1.5 |"
+        in (table)
+    )
+    assert "| torchvision | 50.0 | 45.0-55.0 | 40.0-60.0 | 0.50x | 1.00x | 0.25x | 1.5 |" in table
+    assert "| native | skipped: no kernels here | | | | | | |" in table
+    assert "| keras.applications | 10.0 | 90.0-110.0 | 80.0-120.0 | 1.00x | - | - | 1.5 |" in table
+    assert "v1.5, torchvision's network" in table
+    paths = _report.write(results, str(tmp_path))
+    saved = json.loads(open(paths["json"]).read())
+    assert saved["records"][0]["ratio_vs_torchvision"] == 2.0
+    if "chart" in paths:  # with matplotlib: the chart has the ratio panel
+        assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,24 +1,44 @@
 """``python -m keras_residual bench``: side-by-side speed of the implementations.
 
-One process, the active Keras backend, one network, and up to five rows:
+One process, the active Keras backend, one network, and up to seven rows:
 
 - ``keras.applications``: the stock Keras graph (the baseline of the ratios).
+- ``torchvision``: the plain-PyTorch peer, torchvision's ``resnet50`` /
+  ``resnet18`` in eager PyTorch (``channels_last`` memory format, random
+  init), on the torch backend only; skipped, with the reason, on the other
+  backends, for ``--model block`` and where torchvision is not importable.
 - ``composite``: this package with ``implementation="composite"``
   (``keras.ops`` only).
 - ``native``: this package with ``implementation="native"`` (the fused
   kernels); skipped, with the reason, where they are unavailable.
+- ``auto``: this package with ``implementation="auto"``, the default: what a
+  user gets without choosing (native where the backend and device have the
+  kernels, composite elsewhere).
 - ``folded``: ``keras_residual.fold_batchnorm`` of the model (inference only).
 - ``limit``: the same convolutions with every BatchNormalization, bias,
   residual add and activation removed: the bound on what fusing them can
   win, reported for comparison, never as a speed of this package.
 
-Inference times ``model.predict_on_batch``, training ``model.train_on_batch``
-(forward, loss, backward and an SGD update) for every row alike. Warm-up
-steps (tracing and compilation included) are excluded from the timings and
-reported; the timed repeats take turns across the rows.
+``--arch keras`` (the default) builds this package's rows as the
+``keras.applications`` network (v1: conv biases, epsilon 1.001e-5, momentum
+0.99, stride on the first 1x1); ``--arch v1.5`` builds them as torchvision's
+network (stride on the 3x3, no conv biases, epsilon 1e-5, momentum 0.9,
+symmetric padding), and the limit with its strides. The
+``keras.applications`` row stays the stock Keras network either way.
 
-Writes ``results.json`` (records plus host, versions and device),
-``results.md`` (tables) and ``results.png`` (bar chart) into ``--out``.
+Inference times ``model.predict_on_batch``, training ``model.train_on_batch``
+(forward, loss, backward and an SGD update) for every Keras row alike; the
+torchvision row times ``model(x)`` under ``torch.inference_mode()`` and an
+SGD step (see ``_peer``). Warm-up steps (tracing and compilation included)
+are excluded from the timings and reported; the timed repeats take turns
+across the rows.
+
+Every record carries its images/s ratio to the ``keras.applications`` row,
+to the limit and, where the torchvision row ran, to torchvision
+(``ratio_vs_torchvision``). Writes ``results.json`` (records plus host,
+versions and device), ``results.md`` (tables) and ``results.png`` (bar
+chart, plus a panel of the ratios to torchvision where it ran) into
+``--out``.
 
 This module imports nothing heavy at import time; Keras and the backend are
 imported when a run starts.
@@ -30,14 +50,23 @@ import argparse
 import sys
 import time
 
-LABELS = ("keras.applications", "composite", "native", "folded", "limit")
+LABELS = (
+    "keras.applications",
+    "torchvision",
+    "composite",
+    "native",
+    "auto",
+    "folded",
+    "limit",
+)
 MODELS = ("resnet50", "resnet18", "block")
+ARCHS = ("keras", "v1.5")
 MODES = ("inference", "train")
 DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT_CHOICES = ("auto", "true", "false")
 
-# --quick: a small ResNet18 that finishes the five rows and both modes within
-# about 3 minutes on a 2-core CPU, on TensorFlow and on torch.
+# --quick: a small ResNet18 that finishes every row and both modes within a
+# few minutes on a 2-core CPU, on TensorFlow and on torch.
 QUICK = {
     "model": "resnet18",
     "batch_size": 4,
@@ -58,6 +87,7 @@ DEFAULTS = {
     "out": "bench-results",
     "jit_compile": "auto",
     "seed": 0,
+    "arch": "keras",
 }
 
 
@@ -85,8 +115,10 @@ def _positive(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options of ``python -m keras_residual bench`` to `parser`."""
     parser.description = (
-        "Time keras.applications, composite, native, folded and the limit side by side "
-        "on the active Keras backend (KERAS_BACKEND)."
+        "Time keras.applications, torchvision (torch backend only), composite, native, "
+        "auto, folded and the limit side by side on the active Keras backend "
+        "(KERAS_BACKEND). Ratios are against keras.applications, the limit and, where it "
+        "ran, torchvision."
     )
     add = parser.add_argument
     add("--model", choices=MODELS, default=None, help="network (default resnet50)")
@@ -108,7 +140,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--implementations",
         type=_labels,
         default=None,
-        help=f"comma-separated rows, from {','.join(LABELS)} (default all)",
+        help=f"comma-separated rows, from {','.join(LABELS)} (default all; torchvision "
+        "runs on the torch backend only and is skipped, with the reason, elsewhere)",
+    )
+    add(
+        "--arch",
+        choices=ARCHS,
+        default=None,
+        help="network of the keras_residual rows (composite, native, auto, folded) and of "
+        "the limit's strides: keras, the keras.applications ResNet (v1: conv biases, "
+        "epsilon 1.001e-5, stride on the 1x1), or v1.5, torchvision's (stride on the 3x3, "
+        "no conv biases, epsilon 1e-5, momentum 0.9, symmetric padding); the "
+        "keras.applications row is the stock network either way (default keras)",
     )
     add("--repeats", type=_positive, default=None, help="timed repeats per row (default 5)")
     add("--steps", type=_positive, default=None, help="steps per timed repeat (default 3)")
@@ -134,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--quick",
         action="store_true",
-        help="small defaults that finish in about 3 minutes on 2 CPU cores: "
+        help="small defaults that finish in a few minutes on 2 CPU cores: "
         + ", ".join(f"{key}={value}" for key, value in QUICK.items())
         + " (options given explicitly still win)",
     )
@@ -190,6 +233,7 @@ def run(
     jit_compile: str = "auto",
     seed: int = 0,
     data_format: str | None = None,
+    arch: str = "keras",
     log=_log,
 ) -> dict:
     """Runs the benchmark; writes and returns the results.
@@ -217,12 +261,15 @@ def run(
         seed: int. Seed of the random inputs and labels. Defaults to `0`.
         data_format: `"channels_last"`, `"channels_first"` or `None` for
             `keras.config.image_data_format()`. Defaults to `None`.
+        arch: `"keras"` or `"v1.5"`: the network of this package's rows
+            (and the limit's strides), the `keras.applications` ResNet or
+            torchvision's. Defaults to `"keras"`.
         log: function that receives the progress lines. Defaults to
             printing them on stderr.
 
     Returns:
         The results: a dict with `host`, `versions`, `backend`, `device`,
-        `config` and `records` (one per mode and row).
+        `arch`, `config` and `records` (one per mode and row).
 
     Raises:
         ValueError: for an argument out of range.
@@ -236,6 +283,7 @@ def run(
     _check_choice(mode, "mode", (*MODES, "both"))
     _check_choice(dtype, "dtype", DTYPES)
     _check_choice(jit_compile, "jit_compile", JIT_CHOICES)
+    _check_choice(arch, "arch", ARCHS)
     implementations = tuple(implementations)
     for label in implementations:
         _check_choice(label, "implementations", LABELS)
@@ -263,13 +311,15 @@ def run(
     backend = keras.config.backend()
     device = _env.device(backend)
     log(
-        f"keras_residual bench: {model}, {'+'.join(modes)}, batch {batch_size}, "
+        f"keras_residual bench: {model} ({arch}), {'+'.join(modes)}, batch {batch_size}, "
         f"{image_size}px, {dtype}, {backend} on {device}"
     )
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(dtype)
     try:
-        rows = _build_rows(implementations, model, image_size, data_format, jit, log)
+        rows = _build_rows(
+            implementations, model, image_size, data_format, jit, log, arch=arch, dtype=dtype
+        )
         rng = np.random.default_rng(seed)
         shape = (batch_size, *_models.input_shape(model, image_size, data_format))
         x = rng.uniform(0.0, 1.0, size=shape).astype("float32")
@@ -279,7 +329,18 @@ def run(
         y = None if y is None else keras.ops.convert_to_tensor(y)
         records = []
         for current in modes:
-            records += _run_mode(current, rows, implementations, x, y, repeats, steps, warmup, log)
+            records += _run_mode(
+                current,
+                rows,
+                implementations,
+                x,
+                y,
+                repeats,
+                steps,
+                warmup,
+                log,
+                data_format=data_format,
+            )
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
@@ -292,13 +353,20 @@ def run(
         "image_size": image_size,
         "data_format": data_format,
     }
-    records = [{**base, **record} for record in records]
+    records = [
+        {**base, "arch": _models.row_arch(record["implementation"], arch), **record}
+        for record in records
+    ]
     _add_ratios(records)
+    versions = _env.versions(backend)
+    if rows.get("torchvision") is not None and rows["torchvision"].skipped is None:
+        versions["torchvision"] = rows["torchvision"].notes.get("torchvision")
     results = {
         "host": _env.host(),
-        "versions": _env.versions(backend),
+        "versions": versions,
         "backend": backend,
         "device": device,
+        "arch": arch,
         "config": {
             **base,
             "modes": list(modes),
@@ -308,6 +376,7 @@ def run(
             "warmup": warmup,
             "jit_compile": jit_compile,
             "seed": seed,
+            "arch": arch,
         },
         "native": _env.native_info() if "native" in implementations else None,
         "records": records,
@@ -325,18 +394,19 @@ class _Row:
     def __init__(self, label):
         self.label = label
         self.model = None
+        self.peer = None  # the torchvision row: a _peer.Peer instead of a Keras model
         self.notes: dict = {}
         self.skipped = None
         self.error = False
         self.build_seconds = None
 
 
-def _build_rows(labels, model, image_size, data_format, jit, log):
+def _build_rows(labels, model, image_size, data_format, jit, log, arch="keras", dtype="float32"):
     import traceback
 
     import keras
 
-    from keras_residual.bench import _models
+    from keras_residual.bench import _models, _peer
 
     rows = {}
     for label in labels:
@@ -345,7 +415,14 @@ def _build_rows(labels, model, image_size, data_format, jit, log):
         log(f"building {label}")
         start = time.perf_counter()
         try:
-            row.model, row.notes = _models.build(label, model, image_size, data_format)
+            if label == "torchvision":
+                row.peer, row.notes = _peer.build(model, dtype, keras.config.backend())
+                row.build_seconds = time.perf_counter() - start
+                log(f"  built in {row.build_seconds:.1f} s")
+                row.notes["params"] = row.peer.params
+                row.notes["jit_compile"] = False
+                continue
+            row.model, row.notes = _models.build(label, model, image_size, data_format, arch)
         except _models.Unavailable as reason:
             row.skipped = str(reason)
             log(f"  skipped: {row.skipped}")
@@ -382,7 +459,7 @@ def _targets(rows, model, x, rng):
     return rng.normal(size=output_shape).astype("float32")
 
 
-def _run_mode(mode, rows, labels, x, y, repeats, steps, warmup, log):
+def _run_mode(mode, rows, labels, x, y, repeats, steps, warmup, log, data_format="channels_last"):
     from keras_residual.bench import _measure
 
     log(f"{mode}:")
@@ -392,6 +469,14 @@ def _run_mode(mode, rows, labels, x, y, repeats, steps, warmup, log):
         row = rows[label]
         if row.skipped is not None:
             skipped[label] = row.skipped
+        elif row.peer is not None:
+            # Layout and device conversions happen here, once, untimed.
+            peer_x, peer_y = row.peer.bind(x, y, data_format)
+            if mode == "train":
+                step = row.peer.train_step(peer_x, peer_y)
+            else:
+                step = row.peer.inference_step(peer_x)
+            cases.append(_measure.Case(label, step))
         elif mode == "train" and label == "folded":
             skipped[label] = (
                 "folding BatchNormalization into the convolutions is an inference-only "
@@ -413,6 +498,7 @@ def _run_mode(mode, rows, labels, x, y, repeats, steps, warmup, log):
             "images_per_second": None,
             "ratio_vs_keras_applications": None,
             "ratio_vs_limit": None,
+            "ratio_vs_torchvision": None,
             "spread": None,
             "seconds_per_step": None,
             "repeats": repeats,
@@ -439,17 +525,25 @@ def _run_mode(mode, rows, labels, x, y, repeats, steps, warmup, log):
     return records
 
 
+RATIOS = (
+    ("ratio_vs_keras_applications", "keras.applications"),
+    ("ratio_vs_limit", "limit"),
+    ("ratio_vs_torchvision", "torchvision"),
+)
+
+
 def _add_ratios(records):
-    """Each row's median images/s over keras.applications' and the limit's."""
+    """Each row's median images/s over keras.applications', the limit's and torchvision's.
+
+    A ratio is `None` where its reference row has no timing in the mode
+    (not run, skipped or failed).
+    """
     for mode in {record["mode"] for record in records}:
         group = [record for record in records if record["mode"] == mode]
         speed = {record["implementation"]: record["images_per_second"] for record in group}
         for record in group:
-            record.setdefault("ratio_vs_keras_applications", None)
-            record.setdefault("ratio_vs_limit", None)
-            for key, label in (
-                ("ratio_vs_keras_applications", "keras.applications"),
-                ("ratio_vs_limit", "limit"),
-            ):
+            for key, _ in RATIOS:
+                record.setdefault(key, None)
+            for key, label in RATIOS:
                 if record["images_per_second"] is not None and speed.get(label):
                     record[key] = record["images_per_second"] / speed[label]

@@ -8,20 +8,54 @@ Every row of one run computes the same network on the same input shape:
   the same kind of functional graph built here from stock layers with the
   conventions of ``keras.applications.resnet`` (conv biases,
   BatchNormalization epsilon 1.001e-5, ``Add`` and ``Activation`` layers).
-- ``composite`` and ``native``: this package's model with that
-  ``implementation``.
+- ``composite``, ``native`` and ``auto``: this package's model with that
+  ``implementation`` (``auto``, the default, is what a user gets without
+  choosing: the native kernels where the backend and device have them).
 - ``folded``: ``keras_residual.fold_batchnorm`` of this package's model with
   the default implementation (inference only).
 - ``limit``: the same convolutions and nothing of the work that fusion
   removes; see ``stock_network``.
+- ``torchvision``: plain PyTorch, built and timed by ``_peer`` (not here).
+
+``arch`` chooses the network of this package's rows (and the strides of the
+limit): ``"keras"``, the ``keras.applications`` layout (v1: conv biases,
+epsilon 1.001e-5, momentum 0.99, stride on the first 1x1), or ``"v1.5"``,
+torchvision's exact layout (``ARCH_KWARGS``). The ``keras.applications`` row
+stays the stock Keras network whatever ``arch`` is.
 """
 
 from __future__ import annotations
 
 import keras
 
-LABELS = ("keras.applications", "composite", "native", "folded", "limit")
+LABELS = (
+    "keras.applications",
+    "torchvision",
+    "composite",
+    "native",
+    "auto",
+    "folded",
+    "limit",
+)
 MODELS = ("resnet50", "resnet18", "block")
+ARCHS = ("keras", "v1.5")
+# The rows that build this package's model, in the architecture `arch`.
+KERAS_RESIDUAL_LABELS = ("composite", "native", "auto", "folded")
+
+# The keras_residual arguments of each `arch`. "v1.5" is torchvision's
+# ResNet: stride on the 3x3 convolution (bottlenecks), no conv biases, BN
+# epsilon 1e-5 and momentum 0.9 (PyTorch's 0.1), and symmetric padding
+# (kernel_size // 2 on every side, like PyTorch's Conv2d).
+ARCH_KWARGS = {
+    "keras": {},
+    "v1.5": {
+        "stride_on": "3x3",
+        "use_bias": False,
+        "epsilon": 1e-5,
+        "momentum": 0.9,
+        "padding": "symmetric",
+    },
+}
 
 # keras.applications' conventions, which keras_residual's ResNet defaults keep.
 APPLICATIONS_EPSILON = 1.001e-5
@@ -129,12 +163,40 @@ def _basic(parts, x, filters, strides, project, name):
     return parts.act(x, f"{name}_out")
 
 
+def arch_kwargs(model: str, arch: str) -> dict:
+    """The keras_residual arguments that build `model` in `arch`.
+
+    Examples:
+
+    >>> arch_kwargs("resnet18", "v1.5")["padding"]
+    'symmetric'
+    >>> "stride_on" in arch_kwargs("resnet18", "v1.5")  # basic blocks: no 1x1
+    False
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"`arch` must be one of {ARCHS}. Received: arch={arch!r}")
+    kwargs = dict(ARCH_KWARGS[arch])
+    if model == "resnet18":
+        kwargs.pop("stride_on", None)
+    return kwargs
+
+
+def row_arch(label: str, arch: str) -> str:
+    """The architecture that the row `label` computes when the run asks `arch`."""
+    if label == "keras.applications":
+        return "keras"
+    if label == "torchvision":
+        return "v1.5"
+    return arch
+
+
 def stock_network(
     model: str,
     image_size: int,
     *,
     limit: bool = False,
     data_format: str | None = None,
+    stride_on: str = "1x1",
 ) -> keras.Model:
     """A functional ResNet of stock Keras layers, or its limit.
 
@@ -158,6 +220,9 @@ def stock_network(
         limit: bool. Build the limit. Defaults to `False`.
         data_format: `"channels_last"`, `"channels_first"` or `None` for
             `keras.config.image_data_format()`. Defaults to `None`.
+        stride_on: `"1x1"` or `"3x3"`: the convolution of a strided
+            bottleneck that carries the stride (`"3x3"`: v1.5). Defaults to
+            `"1x1"`.
 
     Returns:
         A `keras.Model`; its attribute `projection_adds` counts the adds that
@@ -184,7 +249,7 @@ def stock_network(
                 name = f"conv{stage + 2}_block{index + 1}"
                 if arch["block_type"] == "bottleneck":
                     project = strides != 1 or channels != 4 * filters
-                    x = _bottleneck(parts, x, filters, strides, project, name)
+                    x = _bottleneck(parts, x, filters, strides, project, name, stride_on)
                     channels = 4 * filters
                 else:
                     project = strides != 1 or channels != filters
@@ -206,21 +271,25 @@ def stock_network(
 # -- the rows -------------------------------------------------------------------
 
 
-def _keras_residual_model(model, image_size, data_format, implementation):
+def _keras_residual_model(model, image_size, data_format, implementation, arch="keras"):
     """This package's network; `implementation=None` leaves the default."""
     import keras_residual
 
     kwargs = {} if implementation is None else {"implementation": implementation}
+    kwargs.update(arch_kwargs(model, arch))
     if model == "block":
+        block_kwargs = {
+            "stride_on": "1x1",
+            "use_bias": True,
+            "epsilon": APPLICATIONS_EPSILON,
+            "momentum": APPLICATIONS_MOMENTUM,
+            **kwargs,
+        }
         block = keras_residual.BottleneckBlock(
             BLOCK_FILTERS,
-            stride_on="1x1",
-            use_bias=True,
-            epsilon=APPLICATIONS_EPSILON,
-            momentum=APPLICATIONS_MOMENTUM,
             data_format=data_format,
             name="conv2_block2",
-            **kwargs,
+            **block_kwargs,
         )
         inputs = keras.Input(input_shape(model, image_size, data_format))
         return keras.Model(inputs, block(inputs), name="block")
@@ -258,14 +327,34 @@ def native_unavailable_reason() -> str | None:
     return f"native kernels unavailable on {backend}" + (f": {reason}" if reason else "")
 
 
-def build(label: str, model: str, image_size: int, data_format: str) -> tuple:
-    """The model of one row.
+def _auto_note() -> str:
+    """What `implementation="auto"` runs here, for the record's notes."""
+    try:
+        from keras_residual import config
+
+        default = config.get_implementation()
+    except Exception:  # noqa: BLE001 - optional information
+        default = None
+    if default == "composite":
+        return (
+            "auto: composite everywhere (keras_residual.config.get_implementation() is 'composite')"
+        )
+    reason = native_unavailable_reason()
+    if reason is None:
+        return "auto: the native kernels (available on this backend)"
+    return f"auto: composite ({reason})"
+
+
+def build(label: str, model: str, image_size: int, data_format: str, arch: str = "keras") -> tuple:
+    """The Keras model of one row (every label of `LABELS` but `"torchvision"`).
 
     Args:
-        label: one of `LABELS`.
+        label: one of `LABELS`, except `"torchvision"` (see `_peer.build`).
         model: one of `MODELS`.
         image_size: int. Height and width of the input.
         data_format: `"channels_last"` or `"channels_first"`.
+        arch: one of `ARCHS`: the architecture of this package's rows and
+            of the limit's strides. Defaults to `"keras"`.
 
     Returns:
         `(keras_model, notes)`: `notes` is a dict of facts for the record.
@@ -274,6 +363,10 @@ def build(label: str, model: str, image_size: int, data_format: str) -> tuple:
         Unavailable: with the reason, when the row cannot run here.
     """
     notes: dict = {}
+    if arch not in ARCHS:
+        raise ValueError(f"`arch` must be one of {ARCHS}. Received: arch={arch!r}")
+    if label == "torchvision":
+        raise ValueError("the torchvision row is not a Keras model: build it with `_peer.build`")
     if label == "keras.applications":
         if model == "resnet50":
             previous = keras.config.image_data_format()
@@ -295,16 +388,23 @@ def build(label: str, model: str, image_size: int, data_format: str) -> tuple:
             )
         return network, notes
     if label == "limit":
-        network = stock_network(model, image_size, limit=True, data_format=data_format)
+        stride_on = ARCH_KWARGS[arch].get("stride_on", "1x1")
+        network = stock_network(
+            model, image_size, limit=True, data_format=data_format, stride_on=stride_on
+        )
         notes["projection_adds_kept"] = network.projection_adds
+        if arch != "keras" and model == "resnet50":
+            notes["strides"] = f"on the 3x3 convolutions, like the {arch} rows"
         return network, notes
     if label == "native":
         reason = native_unavailable_reason()
         if reason is not None:
             raise Unavailable(reason)
-    if label in ("composite", "native"):
+    if label == "auto":
+        notes["implementation"] = _auto_note()
+    if label in ("composite", "native", "auto"):
         try:
-            return _keras_residual_model(model, image_size, data_format, label), notes
+            return _keras_residual_model(model, image_size, data_format, label, arch), notes
         except TypeError as error:
             if not _implementation_unsupported(error):
                 raise
@@ -316,7 +416,7 @@ def build(label: str, model: str, image_size: int, data_format: str) -> tuple:
                 "built without the `implementation` argument, which this keras_residual "
                 "does not have yet (its layers are composite)"
             )
-            return _keras_residual_model(model, image_size, data_format, None), notes
+            return _keras_residual_model(model, image_size, data_format, None, arch), notes
     if label == "folded":
         try:
             from keras_residual import fold_batchnorm
@@ -324,7 +424,7 @@ def build(label: str, model: str, image_size: int, data_format: str) -> tuple:
             raise Unavailable(
                 f"keras_residual.fold_batchnorm is not importable ({error})"
             ) from None
-        base = _keras_residual_model(model, image_size, data_format, None)
+        base = _keras_residual_model(model, image_size, data_format, None, arch)
         notes["folded_from"] = "the default implementation"
         return fold_batchnorm(base), notes
     raise ValueError(f"`label` must be one of {LABELS}. Received: label={label!r}")

@@ -10,8 +10,36 @@ def _number(value, digits=1, suffix=""):
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _has_peer_ratios(results: dict) -> bool:
+    """Whether any record has a ratio to the torchvision row."""
+    return any(record.get("ratio_vs_torchvision") is not None for record in results["records"])
+
+
+def _arch_line(results: dict) -> str:
+    arch = results["config"].get("arch", results.get("arch", "keras"))
+    if arch == "v1.5":
+        described = (
+            "v1.5, torchvision's network (stride on the 3x3, no conv biases, BN epsilon "
+            "1e-5 and momentum 0.9, symmetric padding)"
+        )
+    else:
+        described = (
+            "keras, the keras.applications network (v1: conv biases, BN epsilon 1.001e-5 "
+            "and momentum 0.99, stride on the first 1x1)"
+        )
+    return (
+        f"- arch of the keras_residual rows and the limit: {described}; the "
+        "keras.applications row is the stock Keras network"
+    )
+
+
 def markdown(results: dict) -> str:
-    """A Markdown report: one table per mode, then the skipped rows."""
+    """A Markdown report: one table per mode, then the skipped rows.
+
+    The table has a `vs torchvision` column when some record has a ratio to
+    the torchvision row (`ratio_vs_torchvision`).
+    """
+    peer = _has_peer_ratios(results)
     lines = [
         f"# keras_residual bench: {results['config']['model']}",
         "",
@@ -23,38 +51,54 @@ def markdown(results: dict) -> str:
         f"image {results['config']['image_size']}x{results['config']['image_size']}",
         f"- {results['config']['repeats']} repeats of {results['config']['steps']} steps "
         f"after {results['config']['warmup']} warm-up steps, rows interleaved",
+        _arch_line(results),
         "",
         "Images/s is the median over the repeats (IQR: interquartile range). "
         "vs keras.applications and vs limit are ratios of the medians: above 1 "
         "is faster than the keras.applications row; the limit keeps the "
         "convolutions and drops BN, bias, add and activation, so it bounds "
-        "what fusing them can win.",
+        "what fusing them can win."
+        + (
+            " vs torchvision is the ratio to the plain-PyTorch torchvision row of the "
+            "same mode: above 1 is faster than PyTorch."
+            if peer
+            else ""
+        ),
     ]
     for mode in results["config"]["modes"]:
         records = [r for r in results["records"] if r["mode"] == mode]
+        columns = ["implementation", "images/s", "IQR", "min-max", "vs keras.applications"]
+        columns += ["vs torchvision"] if peer else []
+        columns += ["vs limit", "warm-up s"]
         lines += [
             "",
             f"## {mode}",
             "",
-            "| implementation | images/s | IQR | min-max | vs keras.applications | vs limit "
-            "| warm-up s |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| " + " | ".join(columns) + " |",
+            "|---|" + "---:|" * (len(columns) - 1),
         ]
         for record in records:
             if record["images_per_second"] is None:
                 lines.append(
-                    f"| {record['implementation']} | skipped: {record['skipped']} | | | | | |"
+                    f"| {record['implementation']} | skipped: {record['skipped']} |"
+                    + " |" * (len(columns) - 2)
                 )
                 continue
             spread = record["spread"]
-            lines.append(
-                f"| {record['implementation']} | {_number(record['images_per_second'])} "
-                f"| {_number(spread['q1'])}-{_number(spread['q3'])} "
-                f"| {_number(spread['min'])}-{_number(spread['max'])} "
-                f"| {_number(record['ratio_vs_keras_applications'], 2, 'x')} "
-                f"| {_number(record['ratio_vs_limit'], 2, 'x')} "
-                f"| {_number(record['warmup_seconds'])} |"
-            )
+            cells = [
+                record["implementation"],
+                _number(record["images_per_second"]),
+                f"{_number(spread['q1'])}-{_number(spread['q3'])}",
+                f"{_number(spread['min'])}-{_number(spread['max'])}",
+                _number(record.get("ratio_vs_keras_applications"), 2, "x"),
+            ]
+            if peer:
+                cells.append(_number(record.get("ratio_vs_torchvision"), 2, "x"))
+            cells += [
+                _number(record.get("ratio_vs_limit"), 2, "x"),
+                _number(record["warmup_seconds"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     notes = []
     seen = set()
     for record in results["records"]:
@@ -81,7 +125,11 @@ def markdown(results: dict) -> str:
 
 
 def chart(results: dict, path: str) -> None:
-    """A bar chart of images/s, one group of bars per mode."""
+    """A bar chart of images/s, one group of bars per mode.
+
+    Where some record has a ratio to the torchvision row, a second panel
+    shows those ratios (1 is torchvision's speed).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -89,7 +137,17 @@ def chart(results: dict, path: str) -> None:
 
     modes = results["config"]["modes"]
     labels = results["config"]["implementations"]
-    figure, axes = pyplot.subplots(figsize=(min(3 + 0.9 * len(labels) * len(modes), 14), 4.5))
+    peer = _has_peer_ratios(results)
+    width_inches = min(3 + 0.9 * len(labels) * len(modes), 14)
+    if peer:
+        figure, (axes, ratio_axes) = pyplot.subplots(
+            1,
+            2,
+            figsize=(min(2 * width_inches, 16), 4.5),
+            gridspec_kw={"width_ratios": [3, 2]},
+        )
+    else:
+        figure, axes = pyplot.subplots(figsize=(width_inches, 4.5))
     width = 0.8 / max(len(labels), 1)
     colors = pyplot.get_cmap("tab10")
     for index, label in enumerate(labels):
@@ -129,14 +187,40 @@ def chart(results: dict, path: str) -> None:
     axes.set_ylabel("images per second (median; bars: min-max)")
     config = results["config"]
     axes.set_title(
-        f"{config['model']}, batch {config['batch_size']}, {config['image_size']}px, "
-        f"{config['dtype']} on {results['backend']}\n{results['device']}",
+        f"{config['model']} ({config.get('arch', 'keras')}), batch {config['batch_size']}, "
+        f"{config['image_size']}px, {config['dtype']} on {results['backend']}\n"
+        f"{results['device']}",
         fontsize=9,
     )
-    axes.legend(fontsize=8)
+    if axes.get_legend_handles_labels()[0]:  # not when every row was skipped
+        axes.legend(fontsize=8)
+    if peer:
+        _ratio_panel(ratio_axes, results, modes, labels, width, colors)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
+
+
+def _ratio_panel(axes, results, modes, labels, width, colors):
+    """Bars of each row's images/s over torchvision's, one group per mode."""
+    for index, label in enumerate(labels):
+        positions, heights = [], []
+        for group, mode in enumerate(modes):
+            for record in results["records"]:
+                if record["mode"] != mode or record["implementation"] != label:
+                    continue
+                ratio = record.get("ratio_vs_torchvision")
+                if ratio is None:
+                    continue
+                positions.append(group + (index - (len(labels) - 1) / 2) * width)
+                heights.append(ratio)
+        if positions:
+            bars = axes.bar(positions, heights, width, label=label, color=colors(index))
+            axes.bar_label(bars, fmt="%.2fx", fontsize=7)
+    axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axes.set_xticks(range(len(modes)), modes)
+    axes.set_ylabel("images/s relative to torchvision (1 = PyTorch)")
+    axes.set_title("vs the plain-PyTorch torchvision row (above 1: faster)", fontsize=9)
 
 
 def write(results: dict, out_dir: str) -> dict:
