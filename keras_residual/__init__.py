@@ -35,6 +35,8 @@ from keras_residual.models import (
     WideResNet50_2,
     feature_extractor,
     from_keras_applications,
+    from_timm,
+    from_torchvision,
 )
 
 __version__ = "0.1.0"
@@ -62,6 +64,8 @@ __all__ = [
     "feature_extractor",
     "fold_batchnorm",
     "from_keras_applications",
+    "from_timm",
+    "from_torchvision",
     "native",
     "ops",
     "preprocess_input",

@@ -1,5 +1,6 @@
 """The ResNet family as subclassed keras.Model classes."""
 
+from keras_residual.models.convert import from_timm, from_torchvision
 from keras_residual.models.features import feature_extractor
 from keras_residual.models.resnet import (
     ResNet,
@@ -38,4 +39,6 @@ __all__ = [
     "WideResNet50_2",
     "feature_extractor",
     "from_keras_applications",
+    "from_timm",
+    "from_torchvision",
 ]
