@@ -268,11 +268,35 @@ def _maybe_slow(names):
     ]
 
 
+REFERENCE_NAMES = {
+    "ResNeXt50_32x4d": ("torchvision", "resnext50_32x4d"),
+    "ResNeXt101_32x8d": ("torchvision", "resnext101_32x8d"),
+    "WideResNet50_2": ("torchvision", "wide_resnet50_2"),
+    "ResNet50D": ("timm", "resnet50d"),
+    "SEResNet50": ("timm", "seresnet50"),
+    "SEResNeXt50_32x4d": ("timm", "seresnext50_32x4d"),
+}
+
+
 @pytest.mark.parametrize("name, params", _maybe_slow(TORCH_PRESETS))
 def test_torch_presets_parameter_counts(name, params):
     model = getattr(keras_residual, name)()
     assert trainable_count(model) == params
     assert model.name == name.lower()
+
+
+@pytest.mark.parametrize("name, params", _maybe_slow(TORCH_PRESETS))
+def test_torch_presets_parameter_counts_against_the_reference_library(name, params):
+    from reference_models import import_reference
+
+    _, torchvision, timm = import_reference()
+    library, reference_name = REFERENCE_NAMES[name]
+    if library == "torchvision":
+        reference = getattr(torchvision.models, reference_name)(weights=None)
+    else:
+        reference = timm.create_model(reference_name, pretrained=False)
+    assert sum(p.numel() for p in reference.parameters()) == params
+    assert trainable_count(getattr(keras_residual, name)()) == params
 
 
 @pytest.mark.parametrize(

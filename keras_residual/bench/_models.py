@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_residual.models.resnet import TORCHVISION_LAYOUT
+
 LABELS = (
     "keras.applications",
     "torchvision",
@@ -46,16 +48,9 @@ KERAS_RESIDUAL_LABELS = ("composite", "native", "auto", "folded")
 # ResNet: stride on the 3x3 convolution (bottlenecks), no conv biases, BN
 # epsilon 1e-5 and momentum 0.9 (PyTorch's 0.1), and symmetric padding
 # (kernel_size // 2 on every side, like PyTorch's Conv2d).
-ARCH_KWARGS = {
-    "keras": {},
-    "v1.5": {
-        "stride_on": "3x3",
-        "use_bias": False,
-        "epsilon": 1e-5,
-        "momentum": 0.9,
-        "padding": "symmetric",
-    },
-}
+# "v1.5": the layout of torchvision's ResNets, which the presets of
+# keras_residual that come from torchvision have.
+ARCH_KWARGS = {"keras": {}, "v1.5": dict(TORCHVISION_LAYOUT)}
 
 # keras.applications' conventions, which keras_residual's ResNet defaults keep.
 APPLICATIONS_EPSILON = 1.001e-5

@@ -32,7 +32,6 @@ for ``channels_last`` and ``channels_first``, so one conversion serves both.
 from __future__ import annotations
 
 import collections.abc
-import inspect
 import os
 import re
 import sys
@@ -55,16 +54,6 @@ _DEFAULTS = {
     "shortcut": "auto",
     "stem": "standard",
     "stem_width": 64,
-}
-
-# The ResNet arguments of the torchvision and timm layout (setdefault: the
-# caller's keyword arguments win).
-_TORCH_LAYOUT = {
-    "stride_on": "3x3",
-    "use_bias": False,
-    "epsilon": 1e-5,
-    "momentum": 0.9,
-    "classifier_activation": None,
 }
 
 _D18 = (2, 2, 2, 2)
@@ -473,49 +462,24 @@ def _looks_like_resnet(arrays):
     return stem and "layer1.0.conv1.weight" in arrays and "bn1.weight" in arrays
 
 
-def _resnet_module():
+def _build(config, preset, kwargs):
+    """The model: the preset if there is one, else a ResNet of ``config``."""
     from keras_residual.models import resnet
 
-    return resnet
-
-
-def _resnet_arguments(resnet):
-    """The names of the arguments `ResNet` takes, its blocks' included."""
-    names = set(inspect.signature(resnet.ResNet.__init__).parameters)
-    block_args = getattr(getattr(resnet, "_args", None), "ARGUMENTS", ())
-    return names | {argument.name for argument in block_args}
-
-
-def _build(config, preset, kwargs, library, received):
-    """The model: the preset if there is one, else a ResNet of ``config``."""
-    resnet = _resnet_module()
-    accepted = _resnet_arguments(resnet)
-    kwargs = dict(kwargs)
-    for key, value in _TORCH_LAYOUT.items():
-        kwargs.setdefault(key, value)
-    if "padding" in accepted:
-        kwargs.setdefault("padding", "symmetric")
-    arch_kwargs = {}
-    for key, value in config.items():
-        if key in ("block_type", "stage_depths", "stage_filters"):
-            arch_kwargs[key] = value
-        elif value != _DEFAULTS[key]:
-            if key not in accepted:
-                raise ValueError(
-                    f"`source` is a {library} ResNet with {key}={value!r}, which this "
-                    f"version of keras_residual.ResNet does not build. Received: "
-                    f"source={received}"
-                )
-            arch_kwargs[key] = value
+    kwargs = {**resnet.TORCHVISION_LAYOUT, "classifier_activation": None, **kwargs}
+    arch_kwargs = {
+        key: value
+        for key, value in config.items()
+        if key in ("block_type", "stage_depths", "stage_filters") or value != _DEFAULTS[key]
+    }
     for key in arch_kwargs:
         if key in kwargs:
             raise ValueError(
                 f"`{key}` is read off the weights of `source` and cannot be passed. "
                 f"Received: {key}={kwargs[key]!r}"
             )
-    cls = getattr(resnet, preset, None) if preset else None
-    if cls is not None:
-        return cls(**kwargs)
+    if preset:
+        return getattr(resnet, preset)(**kwargs)
     return resnet.ResNet(**arch_kwargs, **kwargs)
 
 
@@ -678,7 +642,7 @@ def _convert(source, library, arch, kwargs):
         )
     else:
         config, preset = archs[arch]["config"], archs[arch]["preset"]
-    model = _build(config, preset, kwargs, library, received)
+    model = _build(config, preset, kwargs)
     values = _values_by_layer(model, arrays, config, drop_head, library, received, arch)
     assign_by_name(model, values, f"The {library} weights {received}")
     return model
