@@ -28,19 +28,10 @@ from __future__ import annotations
 
 import keras
 
+# One definition of the rows, networks and architectures: the package's.
+from keras_residual.bench import ARCHS, LABELS
 from keras_residual.models.resnet import TORCHVISION_LAYOUT
 
-LABELS = (
-    "keras.applications",
-    "torchvision",
-    "composite",
-    "native",
-    "auto",
-    "folded",
-    "limit",
-)
-MODELS = ("resnet50", "resnet18", "block")
-ARCHS = ("keras", "v1.5")
 # The rows that build this package's model, in the architecture `arch`.
 KERAS_RESIDUAL_LABELS = ("composite", "native", "auto", "folded")
 
