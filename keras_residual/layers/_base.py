@@ -99,19 +99,8 @@ def _check_implementation(implementation, activation):
     return implementation
 
 
-def symmetric_pad(x, conv, data_format):
-    """Pads `kernel_size // 2` on every side, as PyTorch's `padding=k // 2`."""
-    pad_h, pad_w = (k // 2 for k in conv.kernel_size)
-    if not (pad_h or pad_w):
-        return x
-    spatial = [(0, 0), (pad_h, pad_h), (pad_w, pad_w)]
-    if data_format == "channels_last":
-        return ops.pad(x, [spatial[0], spatial[1], spatial[2], (0, 0)])
-    return ops.pad(x, [(0, 0), (0, 0), spatial[1], spatial[2]])
-
-
 def symmetric_pad_shape(shape, conv, data_format):
-    """The shape `symmetric_pad` gives."""
+    """The input shape padded as `padding="symmetric"` pads it."""
     axes = (1, 2) if data_format == "channels_last" else (2, 3)
     shape = list(shape)
     for axis, k in zip(axes, conv.kernel_size, strict=True):
@@ -141,10 +130,9 @@ def run_unit(
     does their work. In training the moving statistics are updated exactly
     as `BatchNormalization` does it; a BN that is not trainable (a frozen
     block) runs in inference mode, also as Keras does. `symmetric` pads
-    `kernel_size // 2` on every side first (the conv is then a "valid" one).
+    `kernel_size // 2` on every side, in the op (the conv layer itself is a
+    "valid" one that only holds the variables).
     """
-    if symmetric:
-        x = symmetric_pad(x, conv, data_format)
     train_bn = bool(training) and bn is not None and bn.trainable
     if bn is not None:
         variables = (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)
@@ -157,7 +145,7 @@ def run_unit(
         residual,
         bias=conv.bias if conv.use_bias else None,
         strides=conv.strides,
-        padding=conv.padding,
+        padding="symmetric" if symmetric else conv.padding,
         dilation_rate=conv.dilation_rate,
         activation=activation,
         epsilon=bn.epsilon if bn is not None else 1e-5,

@@ -39,6 +39,7 @@ from keras_residual.layers._base import (
     symmetric_pad_shape,
 )
 from keras_residual.models import weights as weights_lib
+from keras_residual.ops import max_pool
 
 BLOCK_TYPES = {_args.BASIC: ResidualBlock, _args.BOTTLENECK: BottleneckBlock}
 POOLINGS = (None, "avg", "max")
@@ -363,8 +364,11 @@ class ResNet(keras.Model):
     def call(self, inputs, training=None, pyramid_levels=None):
         levels = None if pyramid_levels is None else self._check_levels(pyramid_levels)
         x = self._layout.to_inner(ops.cast(inputs, self.compute_dtype))
-        if self.conv1_pad is not None:
-            x = self.conv1_pad(x)
+        # The layers conv1_pad, pool1_pad and pool1_pool name the stem's steps
+        # as keras.applications does and give its shapes; the ops below do
+        # their work, without layout copies where the native path runs:
+        # conv1_pad + a "valid" 7x7 conv is the 7x7 conv with symmetric
+        # padding 3, and the pool is zero padding 1 + a 3x3/2 max pool.
         for index, (conv, bn) in enumerate(self._stem_units):
             last = index == len(self._stem_units) - 1
             x = run_unit(
@@ -376,9 +380,16 @@ class ResNet(keras.Model):
                 implementation=self.implementation,
                 synchronized=self.synchronized,
                 data_format=self._layout.inner,
-                symmetric=self.stem == "deep",
+                symmetric=True,
             )
-        x = self.pool1_pool(self.pool1_pad(x))
+        x = max_pool(
+            x,
+            self.pool1_pool.pool_size,
+            self.pool1_pool.strides,
+            padding=self.pool1_pad.padding[0][0],
+            data_format=self._layout.inner,
+            implementation=self.implementation,
+        )
         features = {}
         for position, block in enumerate(self.blocks):
             x = block(x, training=training)

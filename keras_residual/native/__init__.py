@@ -88,7 +88,18 @@ class Adapter(Protocol):
     to `inputs` and `kernel`. The native path of `conv_bn_add_act` runs its
     convolution with it (`getattr(adapter, "conv2d", None)`) instead of
     `keras.ops.conv`. torch has one (its convolution without Keras' NHWC <->
-    NCHW copies); TensorFlow has none.
+    NCHW copies); TensorFlow has none. `padding` may also be `"symmetric"`
+    (`dilation * (k - 1) // 2` zeros on every side, PyTorch's).
+
+    And its own max pooling, for the stem::
+
+        def max_pool2d(inputs, *, pool_size, strides, padding, channels_last): ...
+
+    `padding` zeros on every side (as `keras.layers.ZeroPadding2D`), then
+    `keras.ops.max_pool` with `"valid"` padding, in the layout of `inputs`;
+    differentiable. `keras_residual.ops.max_pool` runs it where the adapter
+    has it (torch: on the channels_last view, which Keras' pooling copies to
+    contiguous NCHW and back).
     """
 
     def build(self, force: bool = False, cuda: bool | None = None) -> Path:

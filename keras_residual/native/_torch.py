@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -625,6 +626,41 @@ def _pair(value, name: str) -> tuple[int, int]:
     return values
 
 
+# Inference reuses the kernel in the convolution's layout while the variable
+# is unchanged: keyed by the identity of the kernel tensor (checked through a
+# weak reference, so a new tensor at a reused id never matches) and torch's
+# version counter, which every in-place write (an optimizer step, `assign`)
+# bumps.
+_WEIGHT_CACHE: dict = {}
+_WEIGHT_CACHE_SIZE = 512
+
+
+def _conv_weight(kernel, memory_format):
+    """The Keras kernel `(kh, kw, in, out)` as torch's `(out, in, kh, kw)`.
+
+    In the memory format of the input: oneDNN would otherwise make this copy
+    itself. Where autograd records (training), it is made per call, so that
+    the gradient flows back to the Keras variable; in inference the copy is
+    cached until the variable changes.
+    """
+    import torch
+
+    if torch.is_grad_enabled() and kernel.requires_grad:
+        return kernel.permute(3, 2, 0, 1).contiguous(memory_format=memory_format)
+    key = (id(kernel), memory_format)
+    cached = _WEIGHT_CACHE.get(key)
+    if cached is not None:
+        ref, version, weight = cached
+        if ref() is kernel and version == kernel._version:
+            return weight
+    with torch.no_grad():
+        weight = kernel.permute(3, 2, 0, 1).contiguous(memory_format=memory_format)
+    if len(_WEIGHT_CACHE) >= _WEIGHT_CACHE_SIZE:
+        _WEIGHT_CACHE.clear()
+    _WEIGHT_CACHE[key] = (weakref.ref(kernel), kernel._version, weight)
+    return weight
+
+
 def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, channels_last=True):
     """`keras.ops.conv` of a 4D input, without its layout copies.
 
@@ -635,9 +671,10 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
     it is (oneDNN on CPU, cuDNN on CUDA), and its channels_last output
     permuted back is a contiguous NHWC tensor: the activations are never
     copied (except by the explicit pad of an asymmetric "same", as in Keras).
-    The kernel, small next to the activations, is copied once per call into
-    the layout the convolution wants (torch would make the same copy); its
-    gradient flows back to the Keras variable through that copy.
+    The kernel is copied into the layout the convolution wants (torch would
+    make the same copy): once per call in training, where its gradient flows
+    back to the Keras variable through that copy, and once per change of
+    the variable in inference (`_conv_weight`).
 
     Args:
         inputs: 4D tensor, NHWC when `channels_last`, else NCHW.
@@ -645,8 +682,9 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
             `in_channels` dividing the input's channels (grouped convolution,
             as in Keras).
         strides, dilation_rate: an int or 2 ints.
-        padding: `"same"` (TensorFlow's, asymmetric where it must be) or
-            `"valid"`.
+        padding: `"same"` (TensorFlow's, asymmetric where it must be),
+            `"valid"`, or `"symmetric"` (`dilation * (k - 1) // 2` on every
+            side, PyTorch's `padding=k // 2`).
         channels_last: the layout of `inputs` and of the result.
 
     Returns:
@@ -658,16 +696,18 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
 
     strides = _pair(strides, "strides")
     dilation = _pair(dilation_rate, "dilation_rate")
-    if padding not in ("same", "valid"):
-        raise ValueError(f"`padding` must be 'same' or 'valid'. Received: padding={padding!r}")
+    if padding not in ("same", "valid", "symmetric"):
+        raise ValueError(
+            f"`padding` must be 'same', 'valid' or 'symmetric'. Received: padding={padding!r}"
+        )
     x = inputs.permute(0, 3, 1, 2) if channels_last else inputs
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    # (kh, kw, in, out) -> (out, in, kh, kw), in the memory format of `x`:
-    # oneDNN would otherwise make this copy itself.
-    weight = kernel.permute(3, 2, 0, 1).contiguous(memory_format=memory_format)
+    weight = _conv_weight(kernel, memory_format)
     groups = x.shape[1] // weight.shape[1]
     pad = (0, 0)
-    if padding == "same":
+    if padding == "symmetric":
+        pad = tuple(d * (k - 1) // 2 for k, d in zip(weight.shape[2:], dilation, strict=True))
+    elif padding == "same":
         (top, bottom), (left, right) = (
             _same_padding(x.shape[2 + i], weight.shape[2 + i], strides[i], dilation[i])
             for i in range(2)
@@ -681,4 +721,31 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
             if channels_last and not x.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(x, weight, None, strides, pad, dilation, groups)
+    return y.permute(0, 2, 3, 1) if channels_last else y
+
+
+def max_pool2d(inputs, *, pool_size, strides, padding=0, channels_last=True):
+    """Zero padding and `keras.ops.max_pool` ("valid"), without layout copies.
+
+    Keras' torch pooling copies an NHWC input to contiguous NCHW and back;
+    the permuted view is channels_last memory, which torch's pooling takes
+    as it is.
+
+    Args:
+        inputs: 4D tensor, NHWC when `channels_last`, else NCHW.
+        pool_size, strides: an int or 2 ints.
+        padding: int or 2 ints: zeros on each side of each spatial axis, as
+            `keras.layers.ZeroPadding2D` adds them (not PyTorch's -inf).
+        channels_last: the layout of `inputs` and of the result.
+
+    Returns:
+        The pooled tensor, in the layout of `inputs`.
+    """
+    import torch.nn.functional as F
+
+    pad_h, pad_w = _pair(padding, "padding")
+    x = inputs.permute(0, 3, 1, 2) if channels_last else inputs
+    if pad_h or pad_w:
+        x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+    y = F.max_pool2d(x, _pair(pool_size, "pool_size"), _pair(strides, "strides"))
     return y.permute(0, 2, 3, 1) if channels_last else y

@@ -13,7 +13,7 @@ from keras_residual.native._build import ACTIVATION_CODES, NativeUnavailable
 # Activation name -> code of keras_residual::Activation in csrc/include.
 NATIVE_ACTIVATIONS = ACTIVATION_CODES
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-PADDINGS = ("same", "valid")
+PADDINGS = ("same", "valid", "symmetric")
 
 
 def conv_bn_add_act(
@@ -59,7 +59,11 @@ def conv_bn_add_act(
         residual: `None` or a tensor of the output's shape, added before the
             activation.
         bias: `None` or the conv bias, `filters` values.
-        strides, padding, dilation_rate: as `keras.ops.conv`.
+        strides, dilation_rate: as `keras.ops.conv`.
+        padding: `"same"` or `"valid"`, as `keras.ops.conv`, or
+            `"symmetric"`: `dilation_rate * (k - 1) // 2` zeros on every
+            side, as PyTorch's `padding=k // 2` (torchvision, timm). The
+            native torch path passes it to the convolution (no padded copy).
         activation: `"relu"`, `"leaky_relu"`, `"relu6"`, `"silu"`/`"swish"`,
             `"gelu"` or `"linear"` (all native), or the name of any other Keras
             activation (composite only). Defaults to `"relu"`.
@@ -125,7 +129,9 @@ def conv_bn_add_act(
         )
     config._check(implementation)
     if padding not in PADDINGS:
-        raise ValueError(f"`padding` must be 'same' or 'valid'. Received: padding={padding!r}")
+        raise ValueError(
+            f"`padding` must be 'same', 'valid' or 'symmetric'. Received: padding={padding!r}"
+        )
     activation_name = _activation_name(activation)
     channel_axis = -1 if data_format == "channels_last" else 1
     filters = _validate_shapes(
@@ -143,11 +149,13 @@ def conv_bn_add_act(
     )
     conv = None if adapter is None else getattr(adapter, "conv2d", None)
     if conv is None:
+        if padding == "symmetric":
+            inputs = _pad_symmetric(inputs, kernel, dilation_rate, channel_axis)
         x = ops.conv(
             inputs,
             kernel,
             strides=strides,
-            padding=padding,
+            padding="valid" if padding == "symmetric" else padding,
             dilation_rate=dilation_rate,
             data_format=data_format,
         )
@@ -326,6 +334,22 @@ def _unsupported_reason(backend, activation_name, synchronized):
 # -- the two paths ----------------------------------------------------------------
 
 
+def symmetric_padding(kernel_shape, dilation_rate) -> tuple[int, int]:
+    """Zeros on each side, per spatial axis, of `padding="symmetric"`."""
+    dilation = (dilation_rate,) * 2 if isinstance(dilation_rate, int) else tuple(dilation_rate)
+    return tuple(d * (k - 1) // 2 for k, d in zip(kernel_shape[:2], dilation, strict=True))
+
+
+def _pad_symmetric(x, kernel, dilation_rate, channel_axis):
+    pad_h, pad_w = symmetric_padding(_static_shape(kernel), dilation_rate)
+    if not (pad_h or pad_w):
+        return x
+    spatial = [(pad_h, pad_h), (pad_w, pad_w)]
+    if channel_axis == -1:
+        return ops.pad(x, [(0, 0), *spatial, (0, 0)])
+    return ops.pad(x, [(0, 0), (0, 0), *spatial])
+
+
 def _bias_shape(channel_axis, filters):
     return (filters,) if channel_axis == -1 else (1, filters, 1, 1)
 
@@ -443,3 +467,52 @@ def _native(
     return adapter.scale_shift_add_act(
         x, scale, shift, residual, activation=code, alpha=alpha, channels_last=channels_last
     )
+
+
+def max_pool(inputs, pool_size, strides, *, padding=0, data_format=None, implementation="auto"):
+    """Zero padding, then a "valid" max pooling: the ResNet stem's pool.
+
+    The same as `keras.layers.ZeroPadding2D(padding)` followed by
+    `keras.ops.max_pool(..., padding="valid")`. Where the native path runs
+    and the adapter has its own pooling (torch), it runs that, without
+    Keras' layout copies.
+
+    Args:
+        inputs: 4D tensor.
+        pool_size, strides: an int or 2 ints.
+        padding: int: zeros added on every side first. Defaults to `0`.
+        data_format: `"channels_last"`, `"channels_first"` or `None` for
+            `keras.config.image_data_format()`.
+        implementation: `"auto"`, `"native"` or `"composite"`, as for
+            `conv_bn_add_act`; here `"native"` does not raise where the
+            adapter has no pooling of its own.
+
+    Returns:
+        The pooled tensor.
+    """
+    data_format = check_data_format(data_format)
+    if not isinstance(inputs, keras.KerasTensor):
+        inputs = ops.convert_to_tensor(inputs)
+    adapter = _native_adapter(
+        "auto" if implementation == "native" else implementation,
+        inputs,
+        "linear",
+        False,
+        data_format,
+    )
+    pool = None if adapter is None else getattr(adapter, "max_pool2d", None)
+    if pool is not None:
+        return pool(
+            inputs,
+            pool_size=pool_size,
+            strides=strides,
+            padding=padding,
+            channels_last=data_format == "channels_last",
+        )
+    if padding:
+        spatial = [(padding, padding)] * 2
+        if data_format == "channels_last":
+            inputs = ops.pad(inputs, [(0, 0), *spatial, (0, 0)])
+        else:
+            inputs = ops.pad(inputs, [(0, 0), (0, 0), *spatial])
+    return ops.max_pool(inputs, pool_size, strides, padding="valid", data_format=data_format)

@@ -105,6 +105,97 @@ def test_grouped_like_keras():
         _assert_close(actual, expected, 1e-5, "grouped")
 
 
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize(
+    "shape, kernel_size, strides, dilation",
+    [
+        ((2, 8, 8, 4), (3, 3), 2, 1),  # even size, stride 2: where "same" differs
+        ((2, 9, 7, 4), (3, 3), 1, 1),
+        ((2, 16, 16, 3), (7, 7), 2, 1),
+        ((2, 9, 9, 4), (3, 3), 1, 2),
+        ((2, 8, 8, 4), (1, 1), 2, 1),
+    ],
+)
+def test_symmetric_padding_equals_torch_padding(shape, kernel_size, strides, dilation, data_format):
+    """padding="symmetric" is PyTorch's padding=dilation*(k-1)//2, without a pad copy."""
+    channels_last = data_format == "channels_last"
+    x, k = _tensors(shape, kernel_size, 6, channels_last, torch.float32)
+    pad = tuple(dilation * (size - 1) // 2 for size in kernel_size)
+
+    def reference(x, k):
+        nchw = x.permute(0, 3, 1, 2) if channels_last else x
+        y = torch.nn.functional.conv2d(nchw, k.permute(3, 2, 0, 1), None, strides, pad, dilation)
+        return y.permute(0, 2, 3, 1) if channels_last else y
+
+    options = dict(strides=strides, padding="symmetric", dilation_rate=dilation)
+    ours = _forward_backward(
+        lambda x, k: _torch.conv2d(x, k, channels_last=channels_last, **options), x, k
+    )
+    theirs = _forward_backward(reference, x, k)
+    for actual, expected, what in zip(ours, theirs, ("output", "d input", "d kernel"), strict=True):
+        _assert_close(actual, expected, 1e-5, what)
+    # The op's composite path pads explicitly and runs a "valid" keras.ops.conv.
+    with torch.no_grad():
+        composite = conv_bn_add_act(
+            x,
+            k,
+            None,
+            None,
+            None,
+            None,
+            activation="linear",
+            data_format=data_format,
+            implementation="composite",
+            **options,
+        )
+    _assert_close(composite.float(), theirs[0], 1e-5, "composite")
+
+
+def test_inference_reuses_the_kernel_copy_until_the_variable_changes():
+    """The kernel cache: torch's version counter must see Keras' assign."""
+    variable = keras.Variable(np.random.default_rng(0).normal(size=(3, 3, 4, 6)), dtype="float32")
+    kernel = variable.value
+    x = torch.tensor(np.random.default_rng(1).normal(size=(1, 5, 5, 4)), dtype=torch.float32)
+    with torch.no_grad():
+        first = _torch._conv_weight(kernel, torch.channels_last)
+        assert _torch._conv_weight(kernel, torch.channels_last) is first  # cached
+        before = _torch.conv2d(x, variable.value, padding="same")
+        version = kernel._version
+        variable.assign(np.zeros((3, 3, 4, 6), "float32"))
+        assert variable.value._version != version  # what the cache relies on
+        after = _torch.conv2d(x, variable.value, padding="same")
+    assert float(before.abs().max()) > 0 and float(after.abs().max()) == 0.0
+    # Training makes a fresh, differentiable copy per call.
+    k = kernel.detach().clone().requires_grad_()
+    assert _torch._conv_weight(k, torch.channels_last).requires_grad
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("shape", [(2, 9, 9, 4), (2, 8, 10, 3)])
+def test_max_pool_equals_zero_padding_and_keras_pooling(shape, data_format):
+    """Zero padding, not PyTorch's -inf: negative inputs show the difference."""
+    channels_last = data_format == "channels_last"
+    x, _ = _tensors(shape, (1, 1), 1, channels_last, torch.float32)
+    x = (x.detach() - 3.0).requires_grad_()  # mostly negative
+    ours = _torch.max_pool2d(x, pool_size=3, strides=2, padding=1, channels_last=channels_last)
+    spatial = [(1, 1), (1, 1)]
+    pad = [(0, 0), *spatial, (0, 0)] if channels_last else [(0, 0), (0, 0), *spatial]
+    theirs = keras.ops.max_pool(keras.ops.pad(x, pad), 3, 2, data_format=data_format)
+    _assert_close(ours.detach(), theirs.detach(), 0, "max pool")
+    # PyTorch's own padding (-inf) would differ here: the test can tell.
+    nchw = x.detach().permute(0, 3, 1, 2) if channels_last else x.detach()
+    minus_inf = torch.nn.functional.max_pool2d(nchw, 3, 2, padding=1)
+    minus_inf = minus_inf.permute(0, 2, 3, 1) if channels_last else minus_inf
+    assert bool((minus_inf != ours.detach()).any())
+    (g_ours,) = torch.autograd.grad(ours.sum(), x)
+    (g_theirs,) = torch.autograd.grad(theirs.sum(), x)
+    _assert_close(g_ours, g_theirs, 0, "max pool gradient")
+    composite = keras_residual.ops.max_pool(
+        x, 3, 2, padding=1, data_format=data_format, implementation="composite"
+    )
+    _assert_close(composite.detach(), theirs.detach(), 0, "composite max pool")
+
+
 def test_rejects_bad_padding():
     x, k = _tensors((1, 4, 4, 2), (3, 3), 2, True, torch.float32)
     with pytest.raises(ValueError, match="padding"):
