@@ -259,15 +259,6 @@ TORCH_PRESETS = [
     ("SEResNet50", 28_088_024),
     ("SEResNeXt50_32x4d", 27_559_896),
 ]
-LARGE = {"ResNeXt101_32x8d", "WideResNet50_2", "ResNet101V2", "ResNet152V2"}
-
-
-def _maybe_slow(names):
-    return [
-        pytest.param(*item, marks=pytest.mark.slow) if item[0] in LARGE else item for item in names
-    ]
-
-
 REFERENCE_NAMES = {
     "ResNeXt50_32x4d": ("torchvision", "resnext50_32x4d"),
     "ResNeXt101_32x8d": ("torchvision", "resnext101_32x8d"),
@@ -278,14 +269,18 @@ REFERENCE_NAMES = {
 }
 
 
-@pytest.mark.parametrize("name, params", _maybe_slow(TORCH_PRESETS))
+# The parameter counts do not depend on the backend: they run in the slow
+# pass, which CI runs once, on TensorFlow.
+@pytest.mark.slow
+@pytest.mark.parametrize("name, params", TORCH_PRESETS)
 def test_torch_presets_parameter_counts(name, params):
     model = getattr(keras_residual, name)()
     assert trainable_count(model) == params
     assert model.name == name.lower()
 
 
-@pytest.mark.parametrize("name, params", _maybe_slow(TORCH_PRESETS))
+@pytest.mark.slow
+@pytest.mark.parametrize("name, params", TORCH_PRESETS)
 def test_torch_presets_parameter_counts_against_the_reference_library(name, params):
     from reference_models import import_reference
 
@@ -299,11 +294,10 @@ def test_torch_presets_parameter_counts_against_the_reference_library(name, para
     assert trainable_count(getattr(keras_residual, name)()) == params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, params",
-    _maybe_slow(
-        [("ResNet50V2", 25_613_800), ("ResNet101V2", 44_675_560), ("ResNet152V2", 60_380_648)]
-    ),
+    [("ResNet50V2", 25_613_800), ("ResNet101V2", 44_675_560), ("ResNet152V2", 60_380_648)],
 )
 def test_v2_presets_parameter_counts_match_keras_applications(name, params):
     ours = getattr(keras_residual, name)()
@@ -378,11 +372,11 @@ def test_deep_stem_layout():
     "name",
     [
         "ResNet18",
-        "ResNet50",
-        "ResNeXt50_32x4d",
-        "ResNet50D",
         "SEResNeXt50_32x4d",
         "ResNet50V2",
+        pytest.param("ResNet50", marks=pytest.mark.slow),
+        pytest.param("ResNeXt50_32x4d", marks=pytest.mark.slow),
+        pytest.param("ResNet50D", marks=pytest.mark.slow),
         pytest.param("SEResNet50", marks=pytest.mark.slow),
         pytest.param("WideResNet50_2", marks=pytest.mark.slow),
         pytest.param("ResNeXt101_32x8d", marks=pytest.mark.slow),
