@@ -388,7 +388,10 @@ def test_fold_batchnorm_on_every_preset(name):
     randomize_bn_statistics(model)
     folded = keras_residual.fold_batchnorm(model)
     x = random_input((2, 32, 32, 3))
-    assert_close(folded(x), model(x), rtol=1e-4)
+    # Folding reorders the float32 arithmetic of 50+ layers whose randomized
+    # BN statistics grow the logits to about 1e3: seen up to 1.4e-4 of the
+    # largest logit (SEResNeXt50, oneDNN); a wrong fold is off by O(1).
+    assert_close(folded(x), model(x), rtol=1e-3)
 
 
 # -- multi-scale features ------------------------------------------------------
