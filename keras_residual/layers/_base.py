@@ -38,6 +38,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_residual import _padding
 from keras_residual import _validation as check
 from keras_residual._layout import Layout
 from keras_residual.layers import _args
@@ -103,9 +104,10 @@ def symmetric_pad_shape(shape, conv, data_format):
     """The input shape padded as `padding="symmetric"` pads it."""
     axes = (1, 2) if data_format == "channels_last" else (2, 3)
     shape = list(shape)
-    for axis, k in zip(axes, conv.kernel_size, strict=True):
+    pads = _padding.symmetric(conv.kernel_size, conv.dilation_rate)
+    for axis, pad in zip(axes, pads, strict=True):
         if shape[axis] is not None:
-            shape[axis] += 2 * (k // 2)
+            shape[axis] += 2 * pad
     return tuple(shape)
 
 
@@ -441,7 +443,9 @@ class BaseResidualBlock(keras.layers.Layer):
                 branch = self._squeeze_excite(branch)
             if drop:
                 branch = self.drop_path(branch, training=training)
-            outputs = keras.activations.get(final)(ops.add(branch, shortcut))
+            outputs = ops.add(branch, shortcut)
+            if not self.preact:
+                outputs = self._activation_fn(outputs)
         else:
             # Both branches are in the compute dtype, so under mixed precision
             # the add runs in float16/bfloat16 like the rest of the block.

@@ -26,6 +26,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from keras_residual import _padding
 from keras_residual.native import _build
 
 ACTIVATIONS = _build.ACTIVATION_CODES
@@ -696,17 +697,14 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
 
     strides = _pair(strides, "strides")
     dilation = _pair(dilation_rate, "dilation_rate")
-    if padding not in ("same", "valid", "symmetric"):
-        raise ValueError(
-            f"`padding` must be 'same', 'valid' or 'symmetric'. Received: padding={padding!r}"
-        )
+    _padding.check(padding)
     x = inputs.permute(0, 3, 1, 2) if channels_last else inputs
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     weight = _conv_weight(kernel, memory_format)
     groups = x.shape[1] // weight.shape[1]
     pad = (0, 0)
     if padding == "symmetric":
-        pad = tuple(d * (k - 1) // 2 for k, d in zip(weight.shape[2:], dilation, strict=True))
+        pad = _padding.symmetric(weight.shape[2:], dilation)
     elif padding == "same":
         (top, bottom), (left, right) = (
             _same_padding(x.shape[2 + i], weight.shape[2 + i], strides[i], dilation[i])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_residual import config
+from keras_residual import _padding, config
 from keras_residual import native as native_lib
 from keras_residual._validation import data_format as check_data_format
 from keras_residual.native._build import ACTIVATION_CODES, NativeUnavailable
@@ -13,7 +13,6 @@ from keras_residual.native._build import ACTIVATION_CODES, NativeUnavailable
 # Activation name -> code of keras_residual::Activation in csrc/include.
 NATIVE_ACTIVATIONS = ACTIVATION_CODES
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-PADDINGS = ("same", "valid", "symmetric")
 
 
 def conv_bn_add_act(
@@ -128,10 +127,7 @@ def conv_bn_add_act(
             f"compute. Received: training={training!r}"
         )
     config._check(implementation)
-    if padding not in PADDINGS:
-        raise ValueError(
-            f"`padding` must be 'same', 'valid' or 'symmetric'. Received: padding={padding!r}"
-        )
+    _padding.check(padding)
     activation_name = _activation_name(activation)
     channel_axis = -1 if data_format == "channels_last" else 1
     filters = _validate_shapes(
@@ -334,14 +330,8 @@ def _unsupported_reason(backend, activation_name, synchronized):
 # -- the two paths ----------------------------------------------------------------
 
 
-def symmetric_padding(kernel_shape, dilation_rate) -> tuple[int, int]:
-    """Zeros on each side, per spatial axis, of `padding="symmetric"`."""
-    dilation = (dilation_rate,) * 2 if isinstance(dilation_rate, int) else tuple(dilation_rate)
-    return tuple(d * (k - 1) // 2 for k, d in zip(kernel_shape[:2], dilation, strict=True))
-
-
 def _pad_symmetric(x, kernel, dilation_rate, channel_axis):
-    pad_h, pad_w = symmetric_padding(_static_shape(kernel), dilation_rate)
+    pad_h, pad_w = _padding.symmetric(_static_shape(kernel)[:2], dilation_rate)
     if not (pad_h or pad_w):
         return x
     spatial = [(pad_h, pad_h), (pad_w, pad_w)]
