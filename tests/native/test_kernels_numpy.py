@@ -32,12 +32,6 @@ TOLERANCE = {"float32": 2e-5, "float64": 1e-12, "float16": 5e-3, "bfloat16": 4e-
 EPSILON = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    """Replaces the suite's per-test Keras reset: these tests use no Keras."""
-    yield
-
-
 @pytest.fixture(scope="module")
 def core():
     from keras_residual.native.core import load_core

@@ -29,18 +29,6 @@ ALPHA32 = float(np.float32(ALPHA))
 EPS32 = float(np.float32(EPS))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    """Overrides the suite's per-test `clear_session()` (about a second each).
-
-    Only `test_keras_model_fit_matches_composite` builds Keras state, and it
-    clears the session itself.
-    """
-    keras.config.set_dtype_policy("float32")
-    keras.config.set_image_data_format("channels_last")
-    yield
-
-
 @pytest.fixture(scope="module")
 def lib():
     try:

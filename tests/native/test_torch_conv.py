@@ -43,12 +43,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    """Raw tensors here: overrides conftest's per-test Keras reset."""
-    yield
-
-
 def _tensors(shape, kernel_size, filters, channels_last, dtype, seed=0):
     rng = np.random.default_rng(seed)
     n, h, w, c = shape

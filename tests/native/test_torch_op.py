@@ -24,12 +24,6 @@ EPSILON = 1e-3
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    """No Keras state is used here: overrides conftest's per-test Keras reset."""
-    yield
-
-
 @pytest.fixture(scope="module")
 def ops():
     """The loaded ops (built once per cache; skips with the reason if impossible)."""
