@@ -24,6 +24,11 @@
 //                                need_scale_grad)
 //       -> (dx, dresidual, dscale, dshift)
 //       dresidual / dscale are empty (0-element) tensors when not wanted.
+//   transpose_2d(x) -> Tensor
+//       The transpose of a 2D tensor of 2-, 4- or 8-byte elements, contiguous
+//       (CPU): a conv kernel between Keras' (kh, kw, in, out) and the
+//       (out, kh, kw, in) memory of a channels_last convolution, at close to
+//       memory speed.
 //   build_info() -> str
 //       The kernels' version and whether the CUDA kernels are compiled in.
 
@@ -305,6 +310,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scale_shift_add_act_b
   return {dx, dresidual, dscale, dshift};
 }
 
+at::Tensor transpose_2d_cpu(const at::Tensor& x) {
+  constexpr const char* op = "keras_residual::transpose_2d";
+  check_cpu(x, op);
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": `x` must be a 2D tensor. Received: x.shape=", x.sizes());
+  const int64_t bytes = x.element_size();
+  TORCH_CHECK_VALUE(bytes == 2 || bytes == 4 || bytes == 8, op,
+                    ": `x` must have 2-, 4- or 8-byte elements. Received: x.dtype=",
+                    x.scalar_type());
+  at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty({x.size(1), x.size(0)}, x.options());
+  cpu::transpose(static_cast<int>(bytes), in.const_data_ptr(), x.size(0), x.size(1),
+                 out.mutable_data_ptr());
+  return out;
+}
+
 std::string build_info() {
   std::string info = version();
 #ifdef KERAS_RESIDUAL_WITH_CUDA
@@ -336,6 +356,7 @@ TORCH_LIBRARY(keras_residual, m) {
       "Tensor? residual, int activation, float alpha, bool channels_last, "
       "bool need_residual_grad, bool need_scale_grad) "
       "-> (Tensor dx, Tensor dresidual, Tensor dscale, Tensor dshift)");
+  m.def("transpose_2d(Tensor x) -> Tensor");
   m.def("build_info() -> str", &keras_residual::torch_ops::build_info);
 }
 
@@ -345,4 +366,5 @@ TORCH_LIBRARY_IMPL(keras_residual, CPU, m) {
   m.impl("bn_add_act_backward", &bn_add_act_backward_cpu);
   m.impl("scale_shift_add_act", &scale_shift_add_act_cpu);
   m.impl("scale_shift_add_act_backward", &scale_shift_add_act_backward_cpu);
+  m.impl("transpose_2d", &transpose_2d_cpu);
 }

@@ -1,7 +1,8 @@
 """The torch adapter's own convolution (`_torch.conv2d`) against `keras.ops.conv`.
 
 Forward and gradients (input and kernel) in both layouts, float32, bfloat16
-and float16, every padding case of Keras' "same"; that it copies no
+and float16, every padding case of Keras' "same"; the native kernel
+transpose (`transpose_2d`) bit for bit; that it copies no
 activation (forward and backward); and, through Keras, a BottleneckBlock and
 a ResNet18 whose native path (which runs this convolution) equals the
 composite one (which runs `keras.ops.conv`). Runs with KERAS_BACKEND=torch.
@@ -162,6 +163,60 @@ def test_inference_reuses_the_kernel_copy_until_the_variable_changes():
     # Training makes a fresh, differentiable copy per call.
     k = kernel.detach().clone().requires_grad_()
     assert _torch._conv_weight(k, torch.channels_last).requires_grad
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    try:
+        _torch.load()
+    except keras_residual.native._build.NativeUnavailable as error:
+        pytest.skip(f"the torch ops library cannot be built here: {error}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 70), (200, 33), (64, 64), (0, 5), (4608, 17)])
+def test_transpose_2d_equals_torch_bit_for_bit(loaded, shape, dtype):
+    x = torch.randn(shape).to(dtype)
+    x.view(-1)[::7] = float("nan")  # copied as bits, NaN included
+    ours = torch.ops.keras_residual.transpose_2d(x)
+    assert ours.shape == shape[::-1] and ours.is_contiguous()
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    assert torch.equal(ours.view(bits), x.t().contiguous().view(bits))
+    # A non-contiguous input is read in its logical order.
+    assert torch.equal(torch.ops.keras_residual.transpose_2d(x.t()).view(bits), x.view(bits))
+
+
+def test_transpose_2d_gradient_and_bad_input(loaded):
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.keras_residual.transpose_2d, (x,))
+    with pytest.raises(ValueError, match=r"2D tensor. Received: x.shape=\[2, 3, 4\]"):
+        torch.ops.keras_residual.transpose_2d(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="x.dtype=Bool"):
+        torch.ops.keras_residual.transpose_2d(torch.zeros(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("shape", [(3, 3, 4, 6), (1, 1, 8, 16), (7, 7, 3, 8)])
+def test_training_kernel_copy_and_its_gradient_are_exact(loaded, shape, native, monkeypatch):
+    """`_conv_weight` in training: the native transpose (all kernels from the
+    size threshold up, here every kernel) gives the weight torch's
+    permute-and-copy gives, in channels_last memory, and the Keras kernel's
+    gradient in its own (contiguous) layout."""
+    monkeypatch.setattr(_torch, "_NATIVE_TRANSPOSE_MIN", 0 if native else 1 << 40)
+    kernel = torch.randn(shape, requires_grad=True)
+    ours = _torch._conv_weight(kernel, torch.channels_last)
+    nodes, node = [], ours.grad_fn
+    while node is not None:
+        nodes.append(node.name())
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert any("transpose_2d" in name for name in nodes) == native, nodes
+    theirs = kernel.detach().permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours.detach(), theirs)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(ours.shape).contiguous(memory_format=torch.channels_last)
+    (ours * upstream).sum().backward()
+    assert kernel.grad.is_contiguous()
+    assert torch.equal(kernel.grad, upstream.permute(2, 3, 1, 0))
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])

@@ -128,6 +128,15 @@ void batch_norm_add_act_backward(DType dtype, const void* dy, const void* x,
                                  double epsilon, Act act, void* dx, void* dresidual,
                                  void* dgamma, void* dbeta);
 
+// out = the transpose of the row-major rows x cols matrix `in`:
+// out[c * rows + r] = in[r * cols + c], for elements of `element_bytes`
+// (2, 4 or 8) bytes, copied bit for bit. Blocked by tiles that stay in the
+// L1 cache, so it reads and writes at close to memory speed where a strided
+// element-wise copy does not (a conv kernel between Keras' (kh, kw, in, out)
+// and the (out, kh, kw, in) memory of a channels_last convolution).
+// `in` and `out` must not overlap.
+void transpose(int element_bytes, const void* in, int64_t rows, int64_t cols, void* out);
+
 // Number of threads the CPU kernels use; 0 (the default) means
 // std::thread::hardware_concurrency().
 void set_num_threads(int num_threads);
