@@ -29,4 +29,6 @@ def pytest_xdist_auto_num_workers(config):
     Each worker imports a Keras backend and builds models; more than four
     add memory faster than they save time.
     """
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    # sched_getaffinity (the cores this process may use) is Linux-only.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cores or 1))
