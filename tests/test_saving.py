@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from helpers import random_input, run_fresh_python
+from helpers import random_input, run_fresh_python, train_a_little
 
 import keras_residual
 
@@ -33,12 +33,6 @@ def sequential_model():
             keras.layers.Dense(3),
         ]
     )
-
-
-def train_a_little(model, x):
-    """Moves the BN statistics away from their initial values."""
-    model.compile(optimizer="adam", loss="mse")
-    model.fit(x, np.zeros(model.compute_output_shape(x.shape)), epochs=1, verbose=0)
 
 
 @pytest.mark.parametrize(
