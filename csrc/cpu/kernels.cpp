@@ -20,8 +20,10 @@
 // in its second pass instead of reading it back rounded. NaN and +-inf come
 // out where the composite path puts them (kernels.h: Act, GradRule).
 //
-// Threads: a plain std::thread fork/join per call (no OpenMP, no pool that
-// would survive a fork()). Small tensors run on the calling thread.
+// Threads: the runner an adapter installed (set_parallel_runner: the torch
+// adapter uses torch's intra-op pool), else a plain std::thread fork/join per
+// call (no pool of our own that would have to survive a fork()). Small
+// tensors run on the calling thread.
 
 // GCC keeps loops whose floating-point operations depend on a comparison (the
 // relu family's gradients, the float16 conversions) scalar while it assumes
@@ -298,6 +300,8 @@ int plan_threads(int64_t tasks, int64_t work_per_task) {
 // Calls f(begin, end, thread_index) for nt contiguous slices of [0, tasks).
 // Slice 0 runs on the calling thread. If a thread cannot be started, its
 // slice runs on the calling thread instead.
+std::atomic<ParallelRunner> g_runner{nullptr};
+
 template <class F>
 void parallel_for(int64_t tasks, int nt, const F& f) {
   if (nt <= 1) {
@@ -305,6 +309,18 @@ void parallel_for(int64_t tasks, int nt, const F& f) {
     return;
   }
   auto begin_of = [&](int t) { return tasks * t / nt; };
+  if (ParallelRunner runner = g_runner.load(std::memory_order_acquire)) {
+    struct Work {
+      const F* f;
+      int64_t tasks;
+      int nt;
+    } work{&f, tasks, nt};
+    runner(nt, &work, [](void* ctx, int t) {
+      const Work& w = *static_cast<const Work*>(ctx);
+      (*w.f)(w.tasks * t / w.nt, w.tasks * (t + 1) / w.nt, t);
+    });
+    return;
+  }
   std::vector<std::thread> threads;
   std::vector<int> not_started;
   threads.reserve(nt - 1);
@@ -969,6 +985,10 @@ void transpose(int element_bytes, const void* in, int64_t rows, int64_t cols, vo
 void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
 
 int num_threads() { return max_threads(); }
+
+void set_parallel_runner(ParallelRunner runner) {
+  g_runner.store(runner, std::memory_order_release);
+}
 
 }  // namespace cpu
 }  // namespace keras_residual

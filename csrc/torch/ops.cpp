@@ -191,9 +191,23 @@ void* mutable_ptr_or_null(at::Tensor& t) {
 
 namespace {
 
+// Runs the CPU kernels' slices on torch's intra-op pool: with threads of
+// their own, the kernels would share the cores with the pool's threads,
+// which keep spinning for a while after each torch op.
+void run_on_torch_pool(int n, void* ctx, void (*body)(void*, int)) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) body(ctx, static_cast<int>(t));
+  });
+}
+
 // The CPU kernels use as many threads as torch's intra-op pool, so that
-// torch.set_num_threads() governs them as well.
+// torch.set_num_threads() governs them as well, and run on that pool.
 void sync_threads() {
+  static const bool pool_installed = [] {
+    cpu::set_parallel_runner(&run_on_torch_pool);
+    return true;
+  }();
+  (void)pool_installed;
   static std::atomic<int> current{-1};
   const int wanted = at::get_num_threads();
   if (current.load(std::memory_order_relaxed) != wanted) {

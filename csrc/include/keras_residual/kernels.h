@@ -142,5 +142,16 @@ void transpose(int element_bytes, const void* in, int64_t rows, int64_t cols, vo
 void set_num_threads(int num_threads);
 int num_threads();
 
+// How the kernels run their slices of work in parallel. A runner must call
+// body(ctx, t) exactly once for every t in [0, n), on any threads, and return
+// when all calls have returned. nullptr (the default) forks and joins plain
+// std::threads per call. A framework adapter installs its own thread pool
+// here, so that the kernels share the pool's threads rather than compete
+// with them (an OpenMP pool spins for a while after each of its parallel
+// regions). Slice t always gets the same part of the work, so results do
+// not depend on the runner.
+using ParallelRunner = void (*)(int n, void* ctx, void (*body)(void* ctx, int t));
+void set_parallel_runner(ParallelRunner runner);
+
 }  // namespace cpu
 }  // namespace keras_residual
