@@ -28,6 +28,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/platform/threadpool.h"
 
 namespace keras_residual_tf {
 
@@ -231,6 +232,43 @@ struct DTypeOf<Eigen::bfloat16> {
 const void* Ptr(const Tensor& t) { return t.tensor_data().data(); }
 void* Ptr(Tensor* t) { return const_cast<char*>(t->tensor_data().data()); }
 
+// The CPU kernels run their slices on the intra-op thread pool of the device
+// that runs the op (with threads of their own, they would share the cores
+// with that pool's spinning threads). The pool is the calling thread's, set
+// for the duration of a Compute by IntraOpPool.
+thread_local tensorflow::thread::ThreadPool* tl_pool = nullptr;
+
+void RunOnIntraOpPool(int n, void* ctx, void (*body)(void*, int)) {
+  tensorflow::thread::ThreadPool* pool = tl_pool;
+  if (pool == nullptr) {
+    for (int t = 0; t < n; ++t) body(ctx, t);
+    return;
+  }
+  // A cost per slice far above the sharding threshold: one shard per slice.
+  pool->ParallelFor(n, int64_t{1} << 30, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) body(ctx, static_cast<int>(t));
+  });
+}
+
+class IntraOpPool {
+ public:
+  explicit IntraOpPool(OpKernelContext* ctx) : previous_(tl_pool) {
+    static const bool installed = [] {
+      kr::cpu::set_parallel_runner(&RunOnIntraOpPool);
+      return true;
+    }();
+    (void)installed;
+    const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    tl_pool = workers != nullptr ? workers->workers : nullptr;
+  }
+  ~IntraOpPool() { tl_pool = previous_; }
+  IntraOpPool(const IntraOpPool&) = delete;
+  IntraOpPool& operator=(const IntraOpPool&) = delete;
+
+ private:
+  tensorflow::thread::ThreadPool* previous_;
+};
+
 // Attributes and validation shared by the four kernels.
 class FusedOpBase : public OpKernel {
  public:
@@ -310,6 +348,7 @@ class BnAddActTrainOp : public FusedOpBase {
   }
 
   void Compute(OpKernelContext* ctx) override {
+    IntraOpPool pool(ctx);
     const Tensor& x = ctx->input(0);
     const Tensor& gamma = ctx->input(1);
     const Tensor& beta = ctx->input(2);
@@ -360,6 +399,7 @@ class BnAddActBackwardOp : public FusedOpBase {
   }
 
   void Compute(OpKernelContext* ctx) override {
+    IntraOpPool pool(ctx);
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
     const Tensor& residual = ctx->input(2);
@@ -403,6 +443,7 @@ class ScaleShiftAddActOp : public FusedOpBase {
   }
 
   void Compute(OpKernelContext* ctx) override {
+    IntraOpPool pool(ctx);
     const Tensor& x = ctx->input(0);
     const Tensor& scale = ctx->input(1);
     const Tensor& shift = ctx->input(2);
@@ -433,6 +474,7 @@ class ScaleShiftAddActBackwardOp : public FusedOpBase {
   }
 
   void Compute(OpKernelContext* ctx) override {
+    IntraOpPool pool(ctx);
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
     const Tensor& scale = ctx->input(2);
