@@ -297,11 +297,12 @@ int plan_threads(int64_t tasks, int64_t work_per_task) {
   return static_cast<int>(std::max<int64_t>(nt, 1));
 }
 
-// Calls f(begin, end, thread_index) for nt contiguous slices of [0, tasks).
-// Slice 0 runs on the calling thread. If a thread cannot be started, its
-// slice runs on the calling thread instead.
 std::atomic<ParallelRunner> g_runner{nullptr};
 
+// Calls f(begin, end, thread_index) for nt contiguous slices of [0, tasks):
+// on the runner an adapter installed, else slice 0 on the calling thread and
+// the others on std::threads forked for the call (a slice whose thread cannot
+// be started runs on the calling thread instead).
 template <class F>
 void parallel_for(int64_t tasks, int nt, const F& f) {
   if (nt <= 1) {
@@ -309,16 +310,9 @@ void parallel_for(int64_t tasks, int nt, const F& f) {
     return;
   }
   auto begin_of = [&](int t) { return tasks * t / nt; };
+  auto slice = [&](int t) { f(begin_of(t), begin_of(t + 1), t); };
   if (ParallelRunner runner = g_runner.load(std::memory_order_acquire)) {
-    struct Work {
-      const F* f;
-      int64_t tasks;
-      int nt;
-    } work{&f, tasks, nt};
-    runner(nt, &work, [](void* ctx, int t) {
-      const Work& w = *static_cast<const Work*>(ctx);
-      (*w.f)(w.tasks * t / w.nt, w.tasks * (t + 1) / w.nt, t);
-    });
+    runner(nt, &slice, [](void* ctx, int t) { (*static_cast<decltype(slice)*>(ctx))(t); });
     return;
   }
   std::vector<std::thread> threads;
@@ -326,13 +320,13 @@ void parallel_for(int64_t tasks, int nt, const F& f) {
   threads.reserve(nt - 1);
   for (int t = 1; t < nt; ++t) {
     try {
-      threads.emplace_back([&f, t, b = begin_of(t), e = begin_of(t + 1)] { f(b, e, t); });
+      threads.emplace_back([&slice, t] { slice(t); });
     } catch (...) {
       not_started.push_back(t);
     }
   }
-  f(begin_of(0), begin_of(1), 0);
-  for (int t : not_started) f(begin_of(t), begin_of(t + 1), t);
+  slice(0);
+  for (int t : not_started) slice(t);
   for (auto& th : threads) th.join();
 }
 
