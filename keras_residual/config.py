@@ -5,7 +5,8 @@ when a block, a model or ``keras_residual.ops.conv_bn_add_act`` is given
 ``implementation=None``:
 
 - ``"auto"`` (the default): the native kernels where an adapter exists for the
-  active backend and device, the composite path elsewhere.
+  active backend and device, the composite path elsewhere; at inference, what
+  ``keras_residual.native.AUTO_INFERENCE`` says for the backend.
 - ``"native"``: the native kernels, or a clear error saying why not.
 - ``"composite"``: ``keras.ops`` only; never compiles anything.
 

@@ -10,7 +10,7 @@ Every row of one run computes the same network on the same input shape:
   BatchNormalization epsilon 1.001e-5, ``Add`` and ``Activation`` layers).
 - ``composite``, ``native`` and ``auto``: this package's model with that
   ``implementation`` (``auto``, the default, is what a user gets without
-  choosing: the native kernels where the backend and device have them).
+  choosing: see ``keras_residual.native.AUTO_INFERENCE``).
 - ``folded``: ``keras_residual.fold_batchnorm`` of this package's model with
   the default implementation (inference only).
 - ``limit``: the same convolutions and nothing of the work that fusion
@@ -325,10 +325,18 @@ def _auto_note() -> str:
         return (
             "auto: composite everywhere (keras_residual.config.get_implementation() is 'composite')"
         )
+    from keras_residual import native
+
     reason = native_unavailable_reason()
-    if reason is None:
-        return "auto: the native kernels (available on this backend)"
-    return f"auto: composite ({reason})"
+    training = "native kernels" if reason is None else f"composite ({reason})"
+    inference = native.auto_inference(keras.config.backend())
+    if inference == "folded":
+        inference = "BN folded into the conv on the fly, then keras.ops"
+    elif inference == "native" and reason is None:
+        inference = "native epilogue"
+    else:
+        inference = "composite"
+    return f"auto: training: {training}; inference: {inference}"
 
 
 def build(label: str, model: str, image_size: int, data_format: str, arch: str = "keras") -> tuple:

@@ -258,7 +258,8 @@ ARGUMENTS = (
         '`"auto"`, `"native"` or `"composite"`: how each conv -> BN (-> add) -> '
         "activation unit runs, through `keras_residual.ops.conv_bn_add_act` "
         '(`"auto"`: the native kernels where the backend and device have '
-        'them; `"native"`: raise if they cannot run; `"composite"`: '
+        "them, and at inference what `keras_residual.native.AUTO_INFERENCE` "
+        'says for the backend; `"native"`: raise if they cannot run; `"composite"`: '
         "`keras.ops` only). Saved in the config; files never need the native library.",
     ),
     Argument(

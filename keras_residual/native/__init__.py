@@ -53,6 +53,8 @@ __all__ = [
     "NativeUnavailable",
     "UntrustedCache",
     "adapter",
+    "add_bias_residual",
+    "auto_inference",
     "available",
     "build",
     "graph_reason",
@@ -63,6 +65,20 @@ __all__ = [
 ADAPTERS = {
     "tensorflow": "keras_residual.native._tensorflow",
     "torch": "keras_residual.native._torch",
+}
+# What `implementation="auto"` runs at inference (`training=False`), per
+# backend, chosen from side-by-side benchmarks (README.md, "How auto
+# chooses"):
+# - "native": the adapter's fused epilogue where it loads, as in training;
+# - "folded": each BatchNormalization folded into its conv kernel and bias on
+#   the fly, then conv + bias + residual + activation in ops that the
+#   framework's graph compiler fuses into the convolution (`add_bias_residual`:
+#   grappler's oneDNN `_FusedConv2D` on TensorFlow);
+# - "composite": `keras.ops` as Keras' own layers compute it.
+AUTO_INFERENCE = {
+    "tensorflow": "folded",
+    "torch": "native",
+    "jax": "composite",
 }
 NO_ADAPTER = {
     "jax": "no native adapter for JAX: XLA fuses the elementwise work itself",
@@ -100,6 +116,16 @@ class Adapter(Protocol):
     differentiable. `keras_residual.ops.max_pool` runs it where the adapter
     has it (torch: on the channels_last view, which Keras' pooling copies to
     contiguous NCHW and back).
+
+    And, needing no built library, the sum that follows a conv without BN::
+
+        def add_bias_residual(x, bias, residual, *, channels_last): ...
+
+    `x + bias + residual` (`bias` and `residual` may be None) in the ops the
+    backend's graph compiler fuses into the convolution. The composite path
+    uses it wherever there is no BN to run (folded models, and inference
+    where `AUTO_INFERENCE` says "folded"). TensorFlow has one (BiasAdd and
+    AddN); torch has none.
     """
 
     def build(self, force: bool = False, cuda: bool | None = None) -> Path:
@@ -196,6 +222,26 @@ def graph_reason(backend: str, x: Any) -> str | None:
         return "symbolic shape inference"
     module = _module(backend)
     return None if module is None else module.graph_reason(x)
+
+
+def auto_inference(backend: str) -> str:
+    """What `"auto"` runs at inference on `backend`: see `AUTO_INFERENCE`.
+
+    Returns `"native"`, `"folded"` or `"composite"` (the last for backends
+    that `AUTO_INFERENCE` does not list).
+    """
+    return AUTO_INFERENCE.get(backend, "composite")
+
+
+def add_bias_residual(backend: str):
+    """`backend`'s own `x + bias + residual` for its graph compiler to fuse, or None.
+
+    The adapter module's optional `add_bias_residual(x, bias, residual, *,
+    channels_last)` (TensorFlow: BiasAdd and AddN, which grappler fuses into
+    the convolution). Needs no built library.
+    """
+    module = _module(backend)
+    return getattr(module, "add_bias_residual", None)
 
 
 def no_adapter_reason(backend: str) -> str | None:

@@ -388,6 +388,26 @@ def _residual(tf, residual, x):
     return residual, True
 
 
+def add_bias_residual(x, bias, residual, *, channels_last: bool):
+    """`x + bias + residual` in the ops that grappler fuses into the conv before.
+
+    With oneDNN (TensorFlow's default on x86-64), Conv2D, BiasAdd, AddN and
+    Relu become one `_MklNativeFusedConv2D`: one pass over the conv output
+    instead of three. The residual added with `AddV2` (`keras.ops.add`), the
+    remapper fuses only the bias. The sums are the same floats as
+    `keras.ops.add`'s; `bias` and `residual` may each be None.
+    """
+    import tensorflow as tf
+
+    if bias is not None:
+        x = tf.nn.bias_add(
+            x, tf.cast(bias, x.dtype), data_format="NHWC" if channels_last else "NCHW"
+        )
+    if residual is not None:
+        x = tf.math.add_n([x, tf.cast(residual, x.dtype)])
+    return x
+
+
 def bn_add_act_train(
     x,
     gamma,

@@ -84,7 +84,11 @@ def conv_bn_add_act(
             `keras_residual.config.get_implementation()`, which by default
             means native where the active backend has an adapter and the
             device and call fit it, composite elsewhere (with one warning if
-            the adapter fails to build). `"native"` raises `NativeUnavailable`
+            the adapter fails to build). At inference (`training=False`)
+            `"auto"` follows `keras_residual.native.AUTO_INFERENCE`, chosen
+            from benchmarks: native on torch; on TensorFlow the BN folded
+            into the kernel and bias on the fly, in ops that grappler fuses
+            into the convolution; composite on JAX. `"native"` raises `NativeUnavailable`
             with the reason if it cannot run. Graphs that cannot hold a
             custom op use the composite path whatever was asked: XLA
             (`jit_compile=True`; Keras turns XLA off on CPU-only TensorFlow),
@@ -140,8 +144,19 @@ def conv_bn_add_act(
     # and device.
     if not isinstance(inputs, keras.KerasTensor):
         inputs = ops.convert_to_tensor(inputs)
+    requested = _requested(implementation)
+    if not training and requested == "auto":
+        # The written policy of "auto" at inference: `native.AUTO_INFERENCE`.
+        policy = native_lib.auto_inference(keras.config.backend())
+        if policy != "native":
+            requested = "composite"
+            if has_bn and policy == "folded":
+                kernel, bias = _fold(
+                    kernel, bias, gamma, beta, moving_mean, moving_variance, epsilon
+                )
+                gamma = beta = moving_mean = moving_variance = None
     adapter = _native_adapter(
-        implementation, inputs, activation_name, synchronized and bool(training), data_format
+        requested, inputs, activation_name, synchronized and bool(training), data_format
     )
     conv = None if adapter is None else getattr(adapter, "conv2d", None)
     if conv is None:
@@ -287,15 +302,22 @@ def _validate_residual(residual, x):
 # -- dispatch -------------------------------------------------------------------
 
 
-def _native_adapter(implementation, x, activation_name, synchronized, data_format):
+def _requested(implementation):
+    """`implementation` after the global setting: "auto", "native" or "composite"."""
+    if config.get_implementation() == "composite":
+        return "composite"
+    return config.get_implementation() if implementation == "auto" else implementation
+
+
+def _native_adapter(requested, x, activation_name, synchronized, data_format):
     """The adapter to run this call natively, or None for composite.
 
-    Backend knowledge stays in the adapters (`keras_residual.native`): this
-    asks them whether the graph can hold their ops, whether they load, and
-    whether they run on `x`'s device.
+    `requested` is `_requested(implementation)`. Backend knowledge stays in
+    the adapters (`keras_residual.native`): this asks them whether the graph
+    can hold their ops, whether they load, and whether they run on `x`'s
+    device.
     """
-    requested = config.get_implementation() if implementation == "auto" else implementation
-    if config.get_implementation() == "composite" or requested == "composite":
+    if requested == "composite":
         return None
     backend = keras.config.backend()
     if native_lib.graph_reason(backend, x) is not None:
@@ -362,6 +384,13 @@ def _composite(
     filters,
 ):
     """keras.ops only, computed exactly as Conv2D + BatchNormalization do."""
+    if gamma is None:
+        # No BN between them: the bias and the residual are added in the ops
+        # the backend's graph compiler fuses into the conv, where it says so.
+        add = native_lib.add_bias_residual(keras.config.backend())
+        if add is not None:
+            x = add(x, bias, residual, channels_last=channel_axis == -1)
+            bias = residual = None
     if bias is not None:
         x = ops.add(x, ops.reshape(ops.cast(bias, x.dtype), _bias_shape(channel_axis, filters)))
     mean = variance = None
@@ -442,14 +471,11 @@ def _native(
         if bias is not None:
             mean = ops.add(mean, ops.cast(bias, mean.dtype))
         return outputs, mean, variance
-    scale = None
+    scale, shift = None, None
     if gamma is not None:
-        scale = ops.cast(gamma, param_dtype) * ops.rsqrt(
-            ops.cast(moving_variance, param_dtype) + epsilon
+        scale, shift = _scale_shift(
+            gamma, beta, moving_mean, moving_variance, bias, epsilon, param_dtype
         )
-        shift = ops.cast(beta, param_dtype) - ops.cast(moving_mean, param_dtype) * scale
-        if bias is not None:
-            shift = shift + ops.cast(bias, param_dtype) * scale
     elif bias is not None:
         shift = ops.cast(bias, param_dtype)
     else:
@@ -457,6 +483,30 @@ def _native(
     return adapter.scale_shift_add_act(
         x, scale, shift, residual, activation=code, alpha=alpha, channels_last=channels_last
     )
+
+
+def _scale_shift(gamma, beta, moving_mean, moving_variance, bias, epsilon, dtype):
+    """Inference BN (after the conv bias) as `x * scale + shift`, in `dtype`."""
+    scale = ops.cast(gamma, dtype) * ops.rsqrt(ops.cast(moving_variance, dtype) + epsilon)
+    shift = ops.cast(beta, dtype) - ops.cast(moving_mean, dtype) * scale
+    if bias is not None:
+        shift = shift + ops.cast(bias, dtype) * scale
+    return scale, shift
+
+
+def _fold(kernel, bias, gamma, beta, moving_mean, moving_variance, epsilon):
+    """The kernel and bias of conv -> inference BN as one conv, as `fold_batchnorm` folds.
+
+    Computed in float32 (float64 for a float64 kernel) and returned in the
+    kernel's dtype; the kernel's last axis is its output channels.
+    """
+    dtype = keras.backend.standardize_dtype(kernel.dtype)
+    param_dtype = "float64" if dtype == "float64" else "float32"
+    scale, shift = _scale_shift(
+        gamma, beta, moving_mean, moving_variance, bias, epsilon, param_dtype
+    )
+    kernel = ops.cast(ops.cast(kernel, param_dtype) * scale, dtype)
+    return kernel, shift
 
 
 def max_pool(inputs, pool_size, strides, *, padding=0, data_format=None, implementation="auto"):
@@ -484,7 +534,7 @@ def max_pool(inputs, pool_size, strides, *, padding=0, data_format=None, impleme
     if not isinstance(inputs, keras.KerasTensor):
         inputs = ops.convert_to_tensor(inputs)
     adapter = _native_adapter(
-        "auto" if implementation == "native" else implementation,
+        _requested("auto" if implementation == "native" else implementation),
         inputs,
         "linear",
         False,

@@ -5,6 +5,7 @@ Skipped, with the reason, where the active backend has no native adapter
 """
 
 import os
+import platform
 
 import keras
 import numpy as np
@@ -260,11 +261,53 @@ def test_auto_uses_composite_under_xla_and_native_outside():
     assert not [node.op for node in graph.node if node.op.startswith("KerasResidual")]
 
     @tf.function
-    def plain():
-        return conv_bn_add_act(residual=residual, implementation="auto", **args)
+    def plain(training):
+        return conv_bn_add_act(residual=residual, implementation="auto", training=training, **args)
 
-    graph = plain.get_concrete_function().graph.as_graph_def()
+    graph = plain.get_concrete_function(True).graph.as_graph_def()
     assert [node.op for node in graph.node if node.op.startswith("KerasResidual")]
+    # Inference follows native.AUTO_INFERENCE: "folded" on TensorFlow.
+    graph = plain.get_concrete_function(False).graph.as_graph_def()
+    assert not [node.op for node in graph.node if node.op.startswith("KerasResidual")]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="grappler is TensorFlow's")
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0",
+    reason="the remapper fuses Conv2D + BiasAdd + AddN + Relu with oneDNN, on by default on x86-64",
+)
+def test_auto_inference_on_tensorflow_becomes_one_fused_conv():
+    """What `native.AUTO_INFERENCE["tensorflow"] == "folded"` is for.
+
+    At inference "auto" folds the BN into the kernel and bias and adds them
+    with BiasAdd and AddN (`_tensorflow.add_bias_residual`); grappler's
+    oneDNN remapper then runs conv, bias, residual and relu as one op. This
+    depends on TensorFlow's remapper, not on this package: if an upgrade
+    stops the fusion, this fails, and the policy needs measuring again.
+    """
+    import tensorflow as tf
+
+    args, residual = _case((2, 6, 6, 8), 8, "channels_last", "float32")
+    inputs = _np(args.pop("inputs"))
+    args["kernel"] = _np(args["kernel"])  # no eager tensors in the graph below
+    expected = _np(conv_bn_add_act(inputs, residual=residual, implementation="composite", **args))
+    with tf.Graph().as_default() as graph:
+        x = tf.compat.v1.placeholder(tf.float32, inputs.shape)
+        r = tf.compat.v1.placeholder(tf.float32, expected.shape)
+        y = conv_bn_add_act(x, residual=r, implementation="auto", **args)
+        with tf.compat.v1.Session(graph=graph) as session:
+            metadata = tf.compat.v1.RunMetadata()
+            result = session.run(
+                y,
+                {x: inputs, r: _np(residual)},
+                options=tf.compat.v1.RunOptions(output_partition_graphs=True),
+                run_metadata=metadata,
+            )
+    np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-5)
+    nodes = [node for graph_def in metadata.partition_graphs for node in graph_def.node]
+    fused = [list(node.attr["fused_ops"].list.s) for node in nodes if "FusedConv2D" in node.op]
+    assert fused == [[b"BiasAdd", b"Add", b"Relu"]], sorted({node.op for node in nodes})
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute.MirroredStrategy")
