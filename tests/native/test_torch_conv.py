@@ -91,6 +91,34 @@ def test_equals_keras_conv(case, data_format, dtype):
         _assert_close(actual, expected, TOLERANCE[dtype], what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "strides, padding",
+    [(1, "same"), (2, "same"), ((1, 2), "valid"), (2, "symmetric"), (1, "valid")],
+)
+def test_large_pointwise_is_a_matrix_product_equal_to_keras_conv(
+    strides, padding, dtype, monkeypatch
+):
+    """From `_MATMUL_MIN` kernel elements a 1x1 conv on CPU runs as a matmul."""
+    side = int(_torch._MATMUL_MIN**0.5)
+    x, k = _tensors((2, 5, 7, side), (1, 1), side, True, dtype)
+    calls = []
+    pointwise = _torch._pointwise
+    monkeypatch.setattr(_torch, "_pointwise", lambda *args: calls.append(args) or pointwise(*args))
+    ours = _forward_backward(
+        lambda x, k: _torch.conv2d(x, k, strides=strides, padding=padding), x, k
+    )
+    assert len(calls) == 1
+    keras_padding = "valid" if padding == "symmetric" else padding  # 1x1: no padding at all
+    theirs = _forward_backward(
+        lambda x, k: keras.ops.conv(x, k, strides=strides, padding=keras_padding), x, k
+    )
+    assert ours[0].shape == theirs[0].shape
+    assert ours[0].is_contiguous()
+    for actual, expected, what in zip(ours, theirs, ("output", "d input", "d kernel"), strict=True):
+        _assert_close(actual, expected, TOLERANCE[dtype], what)
+
+
 def test_grouped_like_keras():
     x, k = _tensors((2, 6, 6, 8), (3, 3), 6, True, torch.float32)
     k = k.detach()[:, :, :4, :].clone().requires_grad_()  # 2 groups of 4 channels
