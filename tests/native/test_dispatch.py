@@ -355,7 +355,9 @@ def test_environment_composite_turns_the_native_path_off():
         x = np.ones((1, 2, 2, 1), "float32")
         k = np.ones((1, 1, 1, 1), "float32")
         o = np.ones(1, "float32")
-        ops.conv_bn_add_act(x, k, o, o, o, o, implementation="auto")
+        # Training: at inference "auto" follows native.AUTO_INFERENCE, which
+        # loads no adapter on TensorFlow.
+        ops.conv_bn_add_act(x, k, o, o, o, o, training=True, implementation="auto")
         print("loaded", sorted(native._loaded))
     """
     out = run_fresh_python(code, env={"KERAS_RESIDUAL_IMPLEMENTATION": "composite"})
