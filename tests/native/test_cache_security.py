@@ -207,7 +207,9 @@ def test_native_falls_back_with_a_warning_naming_an_untrusted_folder(tmp_path):
         "o, z = np.ones(3, 'float32'), np.zeros(3, 'float32')\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    y = conv_bn_add_act(x, k, o, z, z, o, implementation='auto')\n"
+        # Training: at inference "auto" loads no adapter on TensorFlow
+        # (native.AUTO_INFERENCE), so nothing would be looked for.
+        "    y, _, _ = conv_bn_add_act(x, k, o, z, z, o, training=True, implementation='auto')\n"
         "print('SHAPE', tuple(y.shape))\n"
         "for w in caught: print('WARNING', w.message)\n"
     )
