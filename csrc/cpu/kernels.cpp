@@ -247,24 +247,33 @@ KR_INLINE P act_grad(P z, P alpha) {
   }
 }
 
-// dy * act'(z); the relu family as a select. kMul: GradRule::kMultiply,
-// TensorFlow's formulas (relu, relu6: the zero regions give dy * 0, and z =
-// NaN is in them; gelu: dy * Phi(z) + (dy * z) * phi(z), as TensorFlow
-// differentiates 0.5 * z * (1 + erf(z / sqrt(2))), which differs for an inf
-// dy only); else kSelect, PyTorch's (the zero regions give 0; z = NaN passes
-// dy through relu, not through relu6; gelu dy * gelu'(z)).
-template <Activation A, typename P, bool kMul = false>
+// dy * act'(z) under GradRule R (kernels.h): kMultiply, TensorFlow's
+// formulas (relu, relu6: the zero regions give dy * 0, and z = NaN is in
+// them; gelu: dy * Phi(z) + (dy * z) * phi(z), as TensorFlow differentiates
+// 0.5 * z * (1 + erf(z / sqrt(2))), which differs for an inf dy only);
+// kSelect, PyTorch's (the zero regions give 0; z = NaN passes dy through
+// relu, not through relu6; gelu dy * gelu'(z)); kTermwise, JAX's (relu and
+// relu6 select, z = NaN gives 0; leaky_relu passes dy at z = 0; silu and
+// gelu term by term).
+template <Activation A, typename P, GradRule R = GradRule::kSelect>
 KR_INLINE P act_backward(P dy, P z, P alpha) {
+  constexpr bool kMul = R == GradRule::kMultiply;
+  constexpr bool kTerm = R == GradRule::kTermwise;
   if constexpr (A == Activation::kLinear) {
     return dy;
   } else if constexpr (A == Activation::kRelu) {
     if constexpr (kMul) return z > P(0) ? dy : dy * P(0);
+    if constexpr (kTerm) return z > P(0) ? dy : P(0);
     return z <= P(0) ? P(0) : dy;
   } else if constexpr (A == Activation::kLeakyRelu) {
+    if constexpr (kTerm) return z >= P(0) ? dy : dy * alpha;
     return z > P(0) ? dy : dy * alpha;
   } else if constexpr (A == Activation::kRelu6) {
     return (z > P(0) && z < P(6)) ? dy : (kMul ? dy * P(0) : P(0));
-  } else if constexpr (A == Activation::kGelu && kMul) {
+  } else if constexpr (A == Activation::kSilu && kTerm) {
+    const P s = P(1) / (P(1) + exp_approx(-z));
+    return dy * s + (dy * z) * (s * (P(1) - s));
+  } else if constexpr (A == Activation::kGelu && (kMul || kTerm)) {
     const P pdf = exp_approx(P(-0.5) * z * z) * P(0.39894228040143267794);
     return dy * normal_cdf(z) + (dy * z) * pdf;
   } else {
@@ -531,7 +540,7 @@ void forward_tile(const P* KR_RESTRICT x, const P* KR_RESTRICT r, const P* KR_RE
 }
 
 // g = dy * act'(x * a + b + r); dx = g * a; sgx += g * x; sg += g.
-template <class P, Activation A, bool kMul, bool kRes>
+template <class P, Activation A, GradRule R, bool kRes>
 void affine_backward_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
                           const P* KR_RESTRICT r, const P* KR_RESTRICT a,
                           const P* KR_RESTRICT b, P* KR_RESTRICT g, P* KR_RESTRICT dx,
@@ -541,7 +550,7 @@ void affine_backward_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
     const P xv = x[i];
     P z = xv * a[i] + b[i];
     if constexpr (kRes) z += r[i];
-    const P gv = act_backward<A, P, kMul>(dy[i], z, alpha);
+    const P gv = act_backward<A, P, R>(dy[i], z, alpha);
     g[i] = gv;
     dx[i] = gv * a[i];
     sgx[i] += double(gv * xv);
@@ -551,7 +560,7 @@ void affine_backward_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
 
 // Pass 1 of the batch-norm backward: g = dy * act'(x * a + b + r);
 // sg += g; sgx += g * (x - mu).
-template <class P, Activation A, bool kMul, bool kRes>
+template <class P, Activation A, GradRule R, bool kRes>
 void bn_backward1_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x, const P* KR_RESTRICT r,
                        const P* KR_RESTRICT a, const P* KR_RESTRICT b, const P* KR_RESTRICT mu,
                        P* KR_RESTRICT g, double* KR_RESTRICT sg, double* KR_RESTRICT sgx,
@@ -560,7 +569,7 @@ void bn_backward1_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x, const P*
     const P xv = x[i];
     P z = xv * a[i] + b[i];
     if constexpr (kRes) z += r[i];
-    const P gv = act_backward<A, P, kMul>(dy[i], z, alpha);
+    const P gv = act_backward<A, P, R>(dy[i], z, alpha);
     g[i] = gv;
     sg[i] += double(gv);
     sgx[i] += double(gv * (xv - mu[i]));
@@ -584,7 +593,7 @@ void bn_backward2_inplace_tile(P* KR_RESTRICT io, const P* KR_RESTRICT x, const 
 // The same with g recomputed as in pass 1 (float16 / bfloat16, where a g
 // stored in the tensor dtype would have been rounded):
 //   g = dy * act'(x * a + b + r); out = a * g + k * (x - mu) + b0.
-template <class P, Activation A, bool kMul, bool kRes>
+template <class P, Activation A, GradRule R, bool kRes>
 void bn_backward2_recompute_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
                                  const P* KR_RESTRICT r, const P* KR_RESTRICT a,
                                  const P* KR_RESTRICT b, const P* KR_RESTRICT k,
@@ -594,7 +603,7 @@ void bn_backward2_recompute_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x
     const P xv = x[i];
     P z = xv * a[i] + b[i];
     if constexpr (kRes) z += r[i];
-    const P gv = act_backward<A, P, kMul>(dy[i], z, alpha);
+    const P gv = act_backward<A, P, R>(dy[i], z, alpha);
     out[i] = a[i] * gv + k[i] * (xv - mu[i]) + b0[i];
   }
 }
@@ -611,27 +620,32 @@ template <class P>
 using BnBackward2Fn = void (*)(const P*, const P*, const P*, const P*, const P*, const P*,
                                const P*, const P*, P*, int64_t, P);
 
-// The activation and, for relu, relu6 and gelu (the only ones where it
-// matters), the gradient rule, as compile-time values.
-template <Activation A, bool kMul = false>
+// The activation and the gradient rule, as compile-time values; only the
+// rules that change an activation's gradient are instantiated for it.
+template <Activation A, GradRule R = GradRule::kSelect>
 struct ActTag {
   static constexpr Activation value = A;
-  static constexpr bool mul = kMul;
+  static constexpr GradRule rule = R;
 };
 
 template <class F>
 void with_act(Act act, const F& f) {
-  const bool mul = act.grad_rule == GradRule::kMultiply;
+  using A = Activation;
+  using R = GradRule;
+  const bool mul = act.grad_rule == R::kMultiply;
+  const bool term = act.grad_rule == R::kTermwise;
   switch (act.kind) {
-    case Activation::kLinear: return f(ActTag<Activation::kLinear>{});
-    case Activation::kRelu:
-      return mul ? f(ActTag<Activation::kRelu, true>{}) : f(ActTag<Activation::kRelu>{});
-    case Activation::kLeakyRelu: return f(ActTag<Activation::kLeakyRelu>{});
-    case Activation::kRelu6:
-      return mul ? f(ActTag<Activation::kRelu6, true>{}) : f(ActTag<Activation::kRelu6>{});
-    case Activation::kSilu: return f(ActTag<Activation::kSilu>{});
-    case Activation::kGelu:
-      return mul ? f(ActTag<Activation::kGelu, true>{}) : f(ActTag<Activation::kGelu>{});
+    case A::kLinear: return f(ActTag<A::kLinear>{});
+    case A::kRelu:
+      if (mul) return f(ActTag<A::kRelu, R::kMultiply>{});
+      return term ? f(ActTag<A::kRelu, R::kTermwise>{}) : f(ActTag<A::kRelu>{});
+    case A::kLeakyRelu:
+      return term ? f(ActTag<A::kLeakyRelu, R::kTermwise>{}) : f(ActTag<A::kLeakyRelu>{});
+    case A::kRelu6:  // kTermwise selects, as kSelect does
+      return mul ? f(ActTag<A::kRelu6, R::kMultiply>{}) : f(ActTag<A::kRelu6>{});
+    case A::kSilu: return term ? f(ActTag<A::kSilu, R::kTermwise>{}) : f(ActTag<A::kSilu>{});
+    case A::kGelu:  // kTermwise differentiates gelu as kMultiply does
+      return mul || term ? f(ActTag<A::kGelu, R::kMultiply>{}) : f(ActTag<A::kGelu>{});
   }
 }
 
@@ -649,7 +663,7 @@ AffineBackwardFn<P> affine_backward_fn(Act act, bool res) {
   AffineBackwardFn<P> fn = nullptr;
   with_act(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
-    constexpr bool M = decltype(a)::mul;
+    constexpr GradRule M = decltype(a)::rule;
     fn = res ? &affine_backward_tile<P, A, M, true> : &affine_backward_tile<P, A, M, false>;
   });
   return fn;
@@ -659,7 +673,7 @@ BnBackward1Fn<P> bn_backward1_fn(Act act, bool res) {
   BnBackward1Fn<P> fn = nullptr;
   with_act(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
-    constexpr bool M = decltype(a)::mul;
+    constexpr GradRule M = decltype(a)::rule;
     fn = res ? &bn_backward1_tile<P, A, M, true> : &bn_backward1_tile<P, A, M, false>;
   });
   return fn;
@@ -669,7 +683,7 @@ BnBackward2Fn<P> bn_backward2_recompute_fn(Act act, bool res) {
   BnBackward2Fn<P> fn = nullptr;
   with_act(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
-    constexpr bool M = decltype(a)::mul;
+    constexpr GradRule M = decltype(a)::rule;
     fn = res ? &bn_backward2_recompute_tile<P, A, M, true>
              : &bn_backward2_recompute_tile<P, A, M, false>;
   });
@@ -935,6 +949,25 @@ void scale_shift_add_act(DType dtype, const void* x, const void* residual, Shape
                          const void* scale, const void* shift, Act act, void* y) {
   with_dtype(dtype, [&](auto t) {
     scale_shift_add_act_impl<decltype(t)>(x, residual, shape, scale, shift, act, y);
+  });
+}
+
+void batch_norm_add_act(DType dtype, const void* x, const void* residual, Shape shape,
+                        const void* gamma, const void* beta, double epsilon, Act act, void* y,
+                        void* mean, void* var) {
+  with_dtype(dtype, [&](auto t) {
+    using P = typename decltype(t)::P;
+    batch_stats_impl<decltype(t)>(x, shape, mean, var);
+    const P* m = static_cast<const P*>(mean);
+    const P* v = static_cast<const P*>(var);
+    const P* g = static_cast<const P*>(gamma);
+    const P* b = static_cast<const P*>(beta);
+    std::vector<P> scale(size_t(shape.c)), shift(size_t(shape.c));
+    for (int64_t c = 0; c < shape.c; ++c) {
+      scale[c] = g[c] / std::sqrt(v[c] + P(epsilon));
+      shift[c] = b[c] - m[c] * scale[c];
+    }
+    scale_shift_add_act_impl<decltype(t)>(x, residual, shape, scale.data(), shift.data(), act, y);
   });
 }
 

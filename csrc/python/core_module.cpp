@@ -172,8 +172,9 @@ const void* ptr_or_null(const py::object& a) {
 kr::GradRule grad_rule_arg(const std::string& rule) {
   if (rule == "select") return kr::GradRule::kSelect;
   if (rule == "multiply") return kr::GradRule::kMultiply;
-  fail("`grad_rule` must be 'select' (PyTorch's) or 'multiply' (TensorFlow's). Received: "
-       "grad_rule='" + rule + "'");
+  if (rule == "termwise") return kr::GradRule::kTermwise;
+  fail("`grad_rule` must be 'select' (PyTorch's), 'multiply' (TensorFlow's) or 'termwise' "
+       "(JAX's). Received: grad_rule='" + rule + "'");
 }
 
 kr::Activation activation_kind(const py::object& activation) {

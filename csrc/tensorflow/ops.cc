@@ -19,9 +19,6 @@
 // x is 4D: NHWC when channels_last, else NCHW. An absent residual (attr
 // has_residual = false) or scale (has_scale = false) is passed as any empty
 // tensor, and its gradient comes back as a tensor of shape [0].
-#include <cmath>
-#include <limits>
-#include <vector>
 
 #include "../include/keras_residual/kernels.h"
 #include "tensorflow/core/framework/op.h"
@@ -363,28 +360,11 @@ class BnAddActTrainOp : public FusedOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({shape.c}), &mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({shape.c}), &var));
-    if (shape.size() == 0) {
-      // The statistics of an empty batch are undefined, as in FusedBatchNorm.
-      Fill<U>(mean, std::numeric_limits<U>::quiet_NaN());
-      Fill<U>(var, std::numeric_limits<U>::quiet_NaN());
-      return;
-    }
-    const kr::DType dtype = DTypeOf<T>::value;
-    kr::cpu::batch_stats(dtype, Ptr(x), shape, Ptr(mean), Ptr(var));
-
-    // scale = gamma * invstd, shift = beta - mean * scale, in the parameter type.
-    const U* m = static_cast<const U*>(Ptr(*mean));
-    const U* v = static_cast<const U*>(Ptr(*var));
-    const U* g = static_cast<const U*>(Ptr(gamma));
-    const U* b = static_cast<const U*>(Ptr(beta));
-    std::vector<U> scale(shape.c), shift(shape.c);
-    const U eps = static_cast<U>(epsilon_);
-    for (int64_t c = 0; c < shape.c; ++c) {
-      scale[c] = g[c] / std::sqrt(v[c] + eps);
-      shift[c] = b[c] - m[c] * scale[c];
-    }
-    kr::cpu::scale_shift_add_act(dtype, Ptr(x), has_residual_ ? Ptr(residual) : nullptr, shape,
-                                 scale.data(), shift.data(), act_, Ptr(y));
+    // An empty batch gives NaN statistics, as FusedBatchNorm does.
+    kr::cpu::batch_norm_add_act(DTypeOf<T>::value, Ptr(x),
+                                has_residual_ ? Ptr(residual) : nullptr, shape, Ptr(gamma),
+                                Ptr(beta), static_cast<double>(epsilon_), act_, Ptr(y), Ptr(mean),
+                                Ptr(var));
   }
 
  private:

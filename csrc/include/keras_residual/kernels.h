@@ -65,9 +65,17 @@ struct Shape {
 //              NaN or inf dy gives NaN in the zero region too, z = NaN gives
 //              0 * dy; gelu g = dy * Phi(z) + (dy * z) * phi(z) (NaN for an
 //              inf dy at z = 0, say).
-// The other activations compute g = dy * act'(z) under both rules; leaky_relu
-// z > 0 ? dy : dy * alpha.
-enum class GradRule : int { kSelect = 0, kMultiply = 1 };
+//   kTermwise  JAX: its autodiff of the composite formulas. relu and relu6
+//              g = (z in the pass region) ? dy : 0, so z = NaN gives 0 for
+//              both (jax.nn.relu's and relu6's select); leaky_relu
+//              z >= 0 ? dy : dy * alpha (jnp.where(z >= 0, ...)); silu term
+//              by term, as z * sigmoid(z) differentiates: dy * s + (dy * z) *
+//              (s * (1 - s)) (NaN for an inf dy where the terms are opposite
+//              infinities); gelu as kMultiply. CPU kernels only: the CUDA
+//              kernels know kSelect and kMultiply.
+// The other activations compute g = dy * act'(z) under every rule; leaky_relu
+// z > 0 ? dy : dy * alpha under the first two.
+enum class GradRule : int { kSelect = 0, kMultiply = 1, kTermwise = 2 };
 
 // Non-finite values: every activation propagates NaN (act(NaN) = NaN) and
 // maps +-inf as Keras' composite path does: relu(-inf) = 0, relu6(+-inf) =
@@ -95,6 +103,14 @@ void batch_stats(DType dtype, const void* x, Shape shape, void* mean, void* var)
 // residual may be nullptr (0). y may alias neither x nor residual.
 void scale_shift_add_act(DType dtype, const void* x, const void* residual, Shape shape,
                          const void* scale, const void* shift, Act act, void* y);
+
+// The training forward: the batch statistics of x (batch_stats), then
+// scale_shift_add_act with scale = gamma / sqrt(var + epsilon) and shift =
+// beta - mean * scale, computed in the parameter type. An empty batch gives
+// NaN mean and var and writes no y.
+void batch_norm_add_act(DType dtype, const void* x, const void* residual, Shape shape,
+                        const void* gamma, const void* beta, double epsilon, Act act, void* y,
+                        void* mean, void* var);
 
 // Backward of scale_shift_add_act with scale/shift as independent inputs
 // (inference and folded models, where the statistics are constants):
