@@ -547,6 +547,63 @@ def run_compiler(
         raise NativeUnavailable(f"compiler exited with {returncode}: {first_error(output)}\n{tail}")
 
 
+# -- loading, once per process ----------------------------------------------------
+
+
+class LoadOnce:
+    """An adapter's library, loaded once per process; a failure is remembered.
+
+    Attributes:
+        value: what the loader returned, once loaded (else None).
+        path: the library's path, once loaded.
+        error: why loading failed, once it has.
+    """
+
+    def __init__(self, description: str):
+        self.description = description
+        self.value = None
+        self.path: Path | None = None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def get(self, loader: Callable[[], tuple[Path, object]]):
+        """`loader()`'s value, calling it the first time only.
+
+        `loader` returns `(path, value)`. A failure of any kind is raised as
+        NativeUnavailable, now and on every later call, without a second try.
+        """
+        if self.value is not None:
+            return self.value
+        with self._lock:
+            if self.value is not None:
+                return self.value
+            if self.error is not None:
+                raise NativeUnavailable(self.error)
+            try:
+                path, value = loader()
+            except NativeUnavailable as error:
+                self.error = str(error)
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure means "no native"
+                self.error = f"loading {self.description} failed: {type(error).__name__}: {error}"
+                raise NativeUnavailable(self.error) from error
+            self.path, self.value = path, value
+        return self.value
+
+    def status(self, info: dict) -> dict:
+        """`info` with `built`, `loaded`, `path`, `build_seconds` and `reason` as known."""
+        if self.value is not None:
+            info.update(built=True, loaded=True, path=str(self.path))
+            record = read_record(self.path)
+            if "build_seconds" in record:
+                info["build_seconds"] = record["build_seconds"]
+        elif self.error is not None:
+            info["reason"] = self.error.strip().splitlines()[0]
+        else:
+            info["reason"] = "not loaded yet (it is compiled on first use)"
+        return info
+
+
 # -- the compiler and the CPU kernels ---------------------------------------------------
 
 
@@ -560,6 +617,17 @@ ACTIVATION_CODES = {
     "swish": 4,
     "gelu": 5,
 }
+
+
+def check_activation_code(activation: int) -> int:
+    """`activation` as an int, if it is one of `ACTIVATION_CODES`' values; else ValueError."""
+    codes = sorted(set(ACTIVATION_CODES.values()))
+    if isinstance(activation, bool) or int(activation) not in codes:
+        raise ValueError(
+            f"`activation` must be one of the codes {codes} "
+            f"({', '.join(ACTIVATION_CODES)}). Received: activation={activation!r}"
+        )
+    return int(activation)
 
 
 def cpu_signature() -> str:

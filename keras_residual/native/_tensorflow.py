@@ -18,19 +18,15 @@ Examples:
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-from keras_residual.native import _build
+from keras_residual.native import _build, _stack
 
 # The codes of keras_residual::Activation in csrc/include/keras_residual/kernels.h.
 ACTIVATIONS = _build.ACTIVATION_CODES
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
-_lock = threading.Lock()
-_library = None
-_path: Path | None = None
-_error: str | None = None
+_loaded = _build.LoadOnce("the TensorFlow op library")
 
 
 def sources() -> list[Path]:
@@ -140,35 +136,22 @@ def load():
     Raises:
         NativeUnavailable: why the library cannot be built or loaded.
     """
-    global _library, _path, _error
-    if _library is not None:
-        return _library
-    with _lock:
-        if _library is not None:
-            return _library
-        if _error is not None:
-            raise _build.NativeUnavailable(_error)
-        try:
-            import tensorflow as tf
+    return _loaded.get(_load)
 
-            path = build()
-            try:
-                library = tf.load_op_library(str(path))
-            except (tf.errors.NotFoundError, OSError):
-                # A library that passed its checks but does not load (built
-                # against another TensorFlow, say): compile it afresh once.
-                path = build(force=True)
-                library = tf.load_op_library(str(path))
-            _register_gradients(tf, library)
-        except _build.NativeUnavailable as error:
-            _error = str(error)
-            raise
-        except Exception as error:  # noqa: BLE001 - any failure means "no native"
-            _error = f"loading the TensorFlow op library failed: {type(error).__name__}: {error}"
-            raise _build.NativeUnavailable(_error) from error
-        _path = path
-        _library = library
-    return _library
+
+def _load():
+    import tensorflow as tf
+
+    path = build()
+    try:
+        library = tf.load_op_library(str(path))
+    except (tf.errors.NotFoundError, OSError):
+        # A library that passed its checks but does not load (built against
+        # another TensorFlow, say): compile it afresh once.
+        path = build(force=True)
+        library = tf.load_op_library(str(path))
+    _register_gradients(tf, library)
+    return path, library
 
 
 def _register_gradients(tf, library) -> None:
@@ -243,16 +226,7 @@ def status() -> dict:
         info["reason"] = f"tensorflow is not installed ({error})"
         return info
     info["tensorflow"] = tf.__version__
-    if _library is not None:
-        info.update(built=True, loaded=True, path=str(_path))
-        record = _build.read_record(_path)
-        if "build_seconds" in record:
-            info["build_seconds"] = record["build_seconds"]
-    elif _error is not None:
-        info["reason"] = _error.strip().splitlines()[0]
-    else:
-        info["reason"] = "not loaded yet (it is compiled on first use)"
-    return info
+    return _loaded.status(info)
 
 
 def in_xla_context() -> bool:
@@ -332,19 +306,11 @@ def _tracing_for_export() -> bool:
     stack are the signal. `tests/native/test_dispatch.py` pins it: an
     exported graph must hold no KerasResidual op.
     """
-    import sys
-
     import tensorflow as tf
 
     if tf.executing_eagerly():
         return False
-    frame = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename.replace("\\", "/")
-        if "/keras/src/export/" in filename or "/tensorflow/python/saved_model/" in filename:
-            return True
-        frame = frame.f_back
-    return False
+    return _stack.called_from("/keras/src/export/", "/tensorflow/python/saved_model/")
 
 
 def _param_dtype(tf, x_dtype):
@@ -359,15 +325,6 @@ def _check_x(tf, x, name: str) -> None:
         )
     if x.shape.rank is not None and x.shape.rank != 4:
         raise ValueError(f"`x` must be a 4D tensor for {name}. Received: x.shape={x.shape}")
-
-
-def _check_activation(activation: int) -> int:
-    if isinstance(activation, bool) or int(activation) not in ACTIVATIONS.values():
-        raise ValueError(
-            f"`activation` must be one of the codes {sorted(ACTIVATIONS.values())} "
-            f"({', '.join(ACTIVATIONS)}). Received: activation={activation!r}"
-        )
-    return int(activation)
 
 
 def _residual(tf, residual, x):
@@ -449,7 +406,7 @@ def bn_add_act_train(
 
     x = tf.convert_to_tensor(x)
     _check_x(tf, x, "the fused BatchNormalization op")
-    activation = _check_activation(activation)
+    activation = _build.check_activation_code(activation)
     if not epsilon > 0:
         raise ValueError(f"`epsilon` must be positive. Received: epsilon={epsilon!r}")
     param = _param_dtype(tf, x.dtype)
@@ -507,7 +464,7 @@ def scale_shift_add_act(
 
     x = tf.convert_to_tensor(x)
     _check_x(tf, x, "the fused epilogue op")
-    activation = _check_activation(activation)
+    activation = _build.check_activation_code(activation)
     param = _param_dtype(tf, x.dtype)
     has_scale = scale is not None
     scale = tf.cast(scale, param) if has_scale else tf.zeros([0], param)

@@ -98,7 +98,7 @@ def test_tensorflow_sources_get_framework_flags_and_kernels_the_host_isa():
         _tensorflow.load()
     except _build.NativeUnavailable as error:
         pytest.fail(f"the TensorFlow adapter does not build here: {error}")
-    commands = _compile_commands(_tensorflow._path)
+    commands = _compile_commands(_tensorflow._loaded.path)
     ops = [c for c in commands if any(arg.endswith("ops.cc") for arg in c)]
     kernels = [c for c in commands if any(arg.endswith("kernels.cpp") for arg in c)]
     assert ops and kernels
