@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     )
     build.add_argument(
         "--backend",
-        choices=["tensorflow", "torch", "all"],
+        choices=["tensorflow", "torch", "jax", "all"],
         default="all",
         help="which adapter to build; 'all' builds every installed one (default all)",
     )

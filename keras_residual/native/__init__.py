@@ -7,12 +7,13 @@ Keras through one adapter per backend:
   functions and gradients.
 - ``torch``: ``torch.library`` ops (CPU, and CUDA when torch has CUDA and
   ``nvcc`` is present), with autograd and fake kernels for ``torch.compile``.
-- ``jax``: none: XLA fuses the elementwise work itself, so the composite path
-  is used.
+- ``jax``: typed XLA FFI handlers (CPU), registered as custom-call targets
+  and differentiable through `jax.custom_vjp`.
 
 Every adapter module offers the same interface (`Adapter`), and owns all the
 knowledge of its backend: how to build and load it, which graphs cannot hold
-its ops (XLA, SavedModel export, the meta device), which devices it runs on.
+its ops (XLA, SavedModel and JAX exports, the meta device), which devices it
+runs on.
 
 Each adapter is compiled on first use against the installed framework and
 cached (see ``keras_residual.native._build``), or ahead of time with
@@ -65,6 +66,7 @@ __all__ = [
 ADAPTERS = {
     "tensorflow": "keras_residual.native._tensorflow",
     "torch": "keras_residual.native._torch",
+    "jax": "keras_residual.native._jax",
 }
 # What `implementation="auto"` runs at inference (`training=False`), per
 # backend, chosen from side-by-side benchmarks (README.md, "How auto
@@ -81,14 +83,13 @@ AUTO_INFERENCE = {
     "jax": "composite",
 }
 NO_ADAPTER = {
-    "jax": "no native adapter for JAX: XLA fuses the elementwise work itself",
     "numpy": "the numpy backend has no gradients or native adapter",
     "openvino": "no native adapter for OpenVINO",
 }
 
 
 class Adapter(Protocol):
-    """What every adapter module (``_tensorflow``, ``_torch``) provides.
+    """What every adapter module (``_tensorflow``, ``_torch``, ``_jax``) provides.
 
     An adapter may also offer, optionally (not a member here, so that
     adapters without it still match), its own convolution::
@@ -288,7 +289,8 @@ def build(backend: str, force: bool = False, cuda: bool | None = None) -> Path:
     """Compiles the library of `backend` ahead of time (or finds it cached).
 
     Args:
-        backend: `"tensorflow"`, `"torch"` or `"core"` (the NumPy module).
+        backend: `"tensorflow"`, `"torch"`, `"jax"` or `"core"` (the NumPy
+            module).
         force: compile even if the cache holds a library or a recorded
             failure. Defaults to `False`.
         cuda: torch only: `True` requires the CUDA kernels, `False` leaves
@@ -361,7 +363,6 @@ def info() -> dict:
         if name in _failed and not status.get("loaded"):
             status["reason"] = _failed[name].splitlines()[0]
         adapters[name] = status
-    adapters["jax"] = {"built": False, "loaded": False, "reason": NO_ADAPTER["jax"]}
     from keras_residual import config
 
     try:

@@ -13,11 +13,11 @@ from keras_residual import native
 from keras_residual.native import _build
 
 # What `--backend all` builds, with the module each needs installed.
-TARGETS = {"tensorflow": "tensorflow", "torch": "torch"}
+TARGETS = {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}
 
 
 def build(backend: str, force: bool = False, cuda: bool | None = None) -> int:
-    """Builds `backend` ("tensorflow", "torch" or "all") and the NumPy core module.
+    """Builds `backend` ("tensorflow", "torch", "jax" or "all") and the NumPy core module.
 
     Prints, per library, what is built, the elapsed time and where its log
     is. Returns the exit status: 0 if every requested library is built (or

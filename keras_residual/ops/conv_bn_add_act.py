@@ -92,8 +92,9 @@ def conv_bn_add_act(
             with the reason if it cannot run. Graphs that cannot hold a
             custom op use the composite path whatever was asked: XLA
             (`jit_compile=True`; Keras turns XLA off on CPU-only TensorFlow),
-            a TensorFlow SavedModel export (so exported graphs contain only
-            built-in ops) and symbolic shape inference. A global setting of
+            a TensorFlow SavedModel or JAX export (so exported graphs contain
+            only built-in ops) and symbolic shape inference. (JAX's own
+            `jax.jit` holds the native handlers.) A global setting of
             `"composite"` (`KERAS_RESIDUAL_IMPLEMENTATION=composite`) turns
             the native path off everywhere. Defaults to `"auto"`.
 

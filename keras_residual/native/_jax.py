@@ -1,0 +1,452 @@
+"""The JAX adapter: XLA FFI handlers over the CPU kernels.
+
+``csrc/jax/ffi.cc`` defines four typed XLA FFI handlers (training forward and
+backward, epilogue forward and backward) for float16, bfloat16, float32 and
+float64 buffers on the CPU. This module compiles it on first use against the
+installed jaxlib's FFI headers, loads it once per process with ctypes,
+registers the handlers as XLA custom-call targets and exposes them as
+functions differentiable through `jax.custom_vjp`, usable eagerly, under
+`jax.jit` and in `model.fit`. CUDA handlers are not written: on a GPU the
+composite path runs.
+
+Examples:
+
+>>> from keras_residual.native import _jax
+>>> sorted(_jax.TARGETS)[:1]
+['KrJaxBnAddActBackward']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+from keras_residual.native import _build, _stack
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# The handler symbols of csrc/jax/ffi.cc and the custom-call targets they
+# are registered as.
+TARGETS = {
+    "KrJaxBnAddActTrain": "keras_residual_bn_add_act_train",
+    "KrJaxBnAddActBackward": "keras_residual_bn_add_act_backward",
+    "KrJaxScaleShiftAddAct": "keras_residual_scale_shift_add_act",
+    "KrJaxScaleShiftAddActBackward": "keras_residual_scale_shift_add_act_backward",
+}
+_SOURCE = _build.CSRC / "jax" / "ffi.cc"
+# ffi.cc includes jaxlib's FFI headers only: no -march here either; the
+# kernels get the host's ISA in their own translation unit.
+_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-pthread"]
+
+_loaded = _build.LoadOnce("the JAX FFI handlers")
+
+
+def sources() -> list[Path]:
+    """The C++ files compiled into the handler library."""
+    return [*_build.kernel_sources(), _SOURCE]
+
+
+def _compile(out_path: Path, build_dir: Path) -> None:
+    import jax
+
+    cxx = _build.compiler()
+    kernels = _build.compile_kernels(build_dir)
+    handlers = build_dir / "jax_ffi.o"
+    includes = [f"-I{jax.ffi.include_dir()}", f"-I{_build.CSRC / 'include'}"]
+    _build.run_compiler(
+        [cxx, *_FLAGS, *includes, "-c", str(_SOURCE), "-o", str(handlers)], cwd=build_dir
+    )
+    _build.run_compiler(
+        [cxx, "-shared", *_FLAGS, str(handlers), *map(str, kernels), "-o", str(out_path)],
+        cwd=build_dir,
+    )
+
+
+def build(force: bool = False, cuda: bool | None = None) -> Path:
+    """Compiles (or finds in the cache) the handler library; returns its path.
+
+    Args:
+        force: compile even if the cache holds a valid library or a
+            recorded failure.
+        cuda: must be None or False: the JAX adapter has CPU handlers only.
+
+    Returns:
+        The path of the shared library.
+
+    Raises:
+        NativeUnavailable: JAX, the compiler or the sources are missing, or
+            compiling failed (`BuildFailed`, now or earlier).
+    """
+    if cuda:
+        raise ValueError(
+            "`cuda` must be None or False: the JAX adapter has CPU handlers only. "
+            f"Received: cuda={cuda!r}"
+        )
+    try:
+        import jax
+        import jaxlib
+    except ImportError as error:
+        raise _build.NativeUnavailable(f"jax is not installed ({error})") from error
+    extra = " ".join(
+        [
+            _build.compiler_version(),
+            *_FLAGS,
+            f"jaxlib {jaxlib.__version__}",
+            str(jax.ffi.include_dir()),
+            _build.kernel_key(),
+        ]
+    )
+    return _build.build_library(
+        "jax",
+        sources(),
+        framework_version=jax.__version__,
+        compile=_compile,
+        extra_key=extra,
+        rebuild=force,
+        description=f"the JAX {jax.__version__} FFI handlers",
+        estimate="30 seconds",
+    )
+
+
+def load():
+    """The loaded handler library (a `ctypes.CDLL`), compiled on first use.
+
+    The library is loaded and its handlers registered with XLA once per
+    process; a failure is remembered and raised again without a second build.
+
+    Raises:
+        NativeUnavailable: why the library cannot be built or loaded.
+    """
+    return _loaded.get(_load)
+
+
+def _load():
+    path = build()
+    try:
+        library = _register(path)
+    except (OSError, AttributeError):
+        # A library that passed its checks but does not load: compile it
+        # afresh once.
+        path = build(force=True)
+        library = _register(path)
+    return path, library
+
+
+def _register(path: Path):
+    import ctypes
+
+    import jax
+
+    library = ctypes.cdll.LoadLibrary(str(path))
+    capsules = {target: jax.ffi.pycapsule(getattr(library, s)) for s, target in TARGETS.items()}
+    for target, capsule in capsules.items():
+        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+    return library
+
+
+def status() -> dict:
+    """The state of the JAX adapter, for ``python -m keras_residual info``.
+
+    Does not build or load anything itself.
+
+    Returns:
+        A dict with `built` and `loaded` (bools), `jax` (its version, if
+        installed), `path` (the library, once loaded), `build_seconds` and
+        `reason` (why it is not loaded, if known).
+    """
+    info: dict = {"built": False, "loaded": False}
+    try:
+        import jax
+    except ImportError as error:
+        info["reason"] = f"jax is not installed ({error})"
+        return info
+    info["jax"] = jax.__version__
+    return _loaded.status(info)
+
+
+def graph_reason(x) -> str | None:
+    """Why the computation being traced cannot hold the handlers, or None.
+
+    An export (`model.export`, `jax.export`, jax2tf) must run where this
+    package's library is absent: it holds built-in operations only.
+    """
+    import jax
+
+    if isinstance(x, jax.core.Tracer) and _stack.called_from(
+        "/keras/src/export/", "/jax/_src/export/", "/jax/experimental/jax2tf/"
+    ):
+        return "an export holds built-in operations only"
+    return None
+
+
+def device_reason(x) -> str | None:
+    """Why the handlers cannot run on `x`'s device (CPU handlers only), or None."""
+    platform = _platform(x)
+    if platform == "cpu":
+        return None
+    return f"no native kernel for platform {platform!r} on jax (CPU handlers only)"
+
+
+def _platform(x) -> str:
+    """The platform of `x`'s devices; under tracing, the default backend's."""
+    import jax
+
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        platforms = {device.platform for device in x.devices()}
+        if len(platforms) == 1:
+            return platforms.pop()
+        return "+".join(sorted(platforms))
+    return jax.default_backend()
+
+
+# -- the differentiable functions -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The static attributes of one call (hashable: a `nondiff_argnums` value)."""
+
+    activation: int
+    alpha: float
+    channels_last: bool
+    has_residual: bool
+    epsilon: float | None = None
+    has_scale: bool | None = None
+
+    def attributes(self) -> dict:
+        import numpy as np
+
+        attributes = {
+            "activation": np.int32(self.activation),
+            "alpha": np.float64(self.alpha),
+            "channels_last": self.channels_last,
+            "has_residual": self.has_residual,
+        }
+        if self.epsilon is not None:
+            attributes["epsilon"] = np.float64(self.epsilon)
+        if self.has_scale is not None:
+            attributes["has_scale"] = self.has_scale
+        return attributes
+
+
+def _param_dtype(x_dtype):
+    import jax.numpy as jnp
+
+    return jnp.float64 if x_dtype == jnp.float64 else jnp.float32
+
+
+def _call(target: str, options: _Options, results, *args):
+    import jax
+
+    results = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in results]
+    return jax.ffi.ffi_call(f"keras_residual_{target}", results)(*args, **options.attributes())
+
+
+def _channels(x, options: _Options) -> int:
+    return x.shape[-1 if options.channels_last else 1]
+
+
+def _gradient_shapes(x, options: _Options, has_first_param: bool):
+    """(dx, dparam1, dparam2, dresidual) result shapes; absent inputs get shape (0,)."""
+    param, c = _param_dtype(x.dtype), _channels(x, options)
+    return [
+        (x.shape, x.dtype),
+        ((c,) if has_first_param else (0,), param),
+        ((c,), param),
+        (x.shape if options.has_residual else (0,), x.dtype),
+    ]
+
+
+def _train_forward(options: _Options, x, gamma, beta, residual):
+    param, c = _param_dtype(x.dtype), _channels(x, options)
+    results = [(x.shape, x.dtype), ((c,), param), ((c,), param)]
+    return tuple(_call("bn_add_act_train", options, results, x, gamma, beta, residual))
+
+
+@functools.cache
+def _train_function():
+    import jax
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def train(options, x, gamma, beta, residual):
+        return _train_forward(options, x, gamma, beta, residual)
+
+    def forward(options, x, gamma, beta, residual):
+        y, mean, var = _train_forward(options, x, gamma, beta, residual)
+        return (y, mean, var), (x, gamma, beta, residual, mean, var)
+
+    def backward(options, saved, cotangents):
+        # mean and var are statistics for the moving averages: no gradient
+        # flows back through them (as on the other adapters).
+        dy = cotangents[0]
+        x, gamma, beta, residual, mean, var = saved
+        shapes = _gradient_shapes(x, options, has_first_param=True)
+        args = (dy, x, residual, mean, var, gamma, beta)
+        return tuple(_call("bn_add_act_backward", options, shapes, *args))
+
+    train.defvjp(forward, backward)
+    return train
+
+
+@functools.cache
+def _epilogue_function():
+    import jax
+
+    def run(options, x, scale, shift, residual):
+        results = [(x.shape, x.dtype)]
+        return _call("scale_shift_add_act", options, results, x, scale, shift, residual)[0]
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def epilogue(options, x, scale, shift, residual):
+        return run(options, x, scale, shift, residual)
+
+    def forward(options, x, scale, shift, residual):
+        return run(options, x, scale, shift, residual), (x, scale, shift, residual)
+
+    def backward(options, saved, dy):
+        x, scale, shift, residual = saved
+        shapes = _gradient_shapes(x, options, has_first_param=options.has_scale)
+        args = (dy, x, scale, shift, residual)
+        return tuple(_call("scale_shift_add_act_backward", options, shapes, *args))
+
+    epilogue.defvjp(forward, backward)
+    return epilogue
+
+
+def _check_x(x, name: str) -> None:
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(x.dtype).name
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"`x` must be float16, bfloat16, float32 or float64 for {name}. "
+            f"Received: x.dtype={dtype}"
+        )
+    if x.ndim != 4:
+        raise ValueError(f"`x` must be a 4D tensor for {name}. Received: x.shape={x.shape}")
+
+
+def _residual(residual, x):
+    import jax.numpy as jnp
+
+    if residual is None:
+        return jnp.zeros((0,), x.dtype), False
+    residual = jnp.asarray(residual).astype(x.dtype)
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"`residual` must have the shape of `x`, {x.shape}. "
+            f"Received: residual.shape={residual.shape}"
+        )
+    return residual, True
+
+
+def _per_channel(name: str, value, x, channels_last: bool):
+    import jax.numpy as jnp
+
+    value = jnp.asarray(value).astype(_param_dtype(x.dtype))
+    c = x.shape[-1 if channels_last else 1]
+    if value.shape != (c,):
+        raise ValueError(
+            f"`{name}` must have shape ({c},), one value per channel of `x`. "
+            f"Received: {name}.shape={value.shape}"
+        )
+    return value
+
+
+def _prepare(x, residual, name: str, *, activation, alpha, channels_last, **extra):
+    """x as an array, checked; the residual (or an empty stand-in); the call's `_Options`."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(x)
+    _check_x(x, name)
+    residual, has_residual = _residual(residual, x)
+    options = _Options(
+        activation=_build.check_activation_code(activation),
+        alpha=float(alpha),
+        channels_last=bool(channels_last),
+        has_residual=has_residual,
+        **extra,
+    )
+    return x, residual, options
+
+
+def bn_add_act_train(
+    x,
+    gamma,
+    beta,
+    residual,
+    *,
+    epsilon: float,
+    activation: int,
+    alpha: float,
+    channels_last: bool,
+):
+    """Training-mode BatchNormalization + residual add + activation, on JAX arrays.
+
+    The contract of `native.Adapter.bn_add_act_train`, as the TensorFlow
+    adapter documents it: `(y, mean, var)` with `y = act(gamma * (x - mean) /
+    sqrt(var + epsilon) + beta + residual)` and the batch mean and biased
+    variance of `x` (float64 for float64 `x`, else float32). Differentiable
+    (`jax.custom_vjp`) with respect to `x`, `gamma`, `beta` and `residual`;
+    `mean` and `var` carry no gradient. `residual` may be None.
+
+    Raises:
+        ValueError: bad dtype, rank, activation, epsilon or shapes.
+        NativeUnavailable: the handler library cannot be built or loaded.
+    """
+    load()
+    if not epsilon > 0:
+        raise ValueError(f"`epsilon` must be positive. Received: epsilon={epsilon!r}")
+    x, residual, options = _prepare(
+        x,
+        residual,
+        "the fused BatchNormalization op",
+        activation=activation,
+        alpha=alpha,
+        channels_last=channels_last,
+        epsilon=float(epsilon),
+    )
+    gamma = _per_channel("gamma", gamma, x, options.channels_last)
+    beta = _per_channel("beta", beta, x, options.channels_last)
+    return _train_function()(options, x, gamma, beta, residual)
+
+
+def scale_shift_add_act(
+    x,
+    scale,
+    shift,
+    residual,
+    *,
+    activation: int,
+    alpha: float,
+    channels_last: bool,
+):
+    """`act(x * scale + shift + residual)` per channel, on JAX arrays.
+
+    The contract of `native.Adapter.scale_shift_add_act`: `y` of the shape
+    and dtype of `x`, differentiable with respect to `x`, `scale`, `shift`
+    and `residual` (independent inputs, as at inference or in a folded
+    model). `scale` (1) and `residual` (0) may be None.
+
+    Raises:
+        ValueError: bad dtype, rank, activation or shapes.
+        NativeUnavailable: the handler library cannot be built or loaded.
+    """
+    load()
+    import jax.numpy as jnp
+
+    x, residual, options = _prepare(
+        x,
+        residual,
+        "the fused epilogue op",
+        activation=activation,
+        alpha=alpha,
+        channels_last=channels_last,
+        has_scale=scale is not None,
+    )
+    if options.has_scale:
+        scale = _per_channel("scale", scale, x, options.channels_last)
+    else:
+        scale = jnp.zeros((0,), _param_dtype(x.dtype))
+    shift = _per_channel("shift", shift, x, options.channels_last)
+    return _epilogue_function()(options, x, scale, shift, residual)
