@@ -167,3 +167,47 @@ def run_fresh_python(code: str, *args, env=None, timeout: int = 300) -> str:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def backend_vjp(fn, inputs, dy):
+    """`fn(**inputs)` and the gradients of `sum(y * dy)` by the active backend's autodiff.
+
+    `y` is fn's output, or the first of its outputs when it returns a tuple
+    (the others get a zero cotangent). Inputs that are None are passed as
+    None and get no gradient.
+
+    Returns:
+        `(outputs, {name: gradient})`.
+    """
+    backend = keras.config.backend()
+    names = [k for k, v in inputs.items() if v is not None]
+    if backend == "torch":
+        leaves = {
+            k: (v.detach().clone().requires_grad_(True) if v is not None else None)
+            for k, v in inputs.items()
+        }
+        out = fn(**leaves)
+        y = out[0] if isinstance(out, tuple) else out
+        y.backward(dy)
+        grads = {k: leaves[k].grad for k in names}
+        out = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+        return out, grads
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def call(*values):
+            return fn(**{**inputs, **dict(zip(names, values, strict=True))})
+
+        out, pullback = jax.vjp(call, *[inputs[k] for k in names])
+        cotangent = (dy, *map(jnp.zeros_like, out[1:])) if isinstance(out, tuple) else dy
+        return out, dict(zip(names, pullback(cotangent), strict=True))
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        for k in names:
+            tape.watch(inputs[k])
+        out = fn(**inputs)
+        y = out[0] if isinstance(out, tuple) else out
+    grads = tape.gradient(y, [inputs[k] for k in names], output_gradients=dy)
+    return out, dict(zip(names, grads, strict=True))

@@ -9,7 +9,11 @@ no test runs three times.
 import keras
 import pytest
 
-OWN_BACKEND = {"test_tensorflow_op.py": "tensorflow", "test_torch_op.py": "torch"}
+OWN_BACKEND = {
+    "test_tensorflow_op.py": "tensorflow",
+    "test_torch_op.py": "torch",
+    "test_jax_ffi.py": "jax",
+}
 FRAMEWORK_FREE = {
     "test_kernels_numpy.py",
     "test_build.py",

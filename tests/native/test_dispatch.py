@@ -1,7 +1,7 @@
 """The native path against the composite one, through Keras, on the active backend.
 
 Skipped, with the reason, where the active backend has no native adapter
-(JAX) or it cannot be built here.
+(NumPy, OpenVINO) or it cannot be built here.
 """
 
 import os
@@ -356,7 +356,7 @@ def test_environment_composite_turns_the_native_path_off():
         k = np.ones((1, 1, 1, 1), "float32")
         o = np.ones(1, "float32")
         # Training: at inference "auto" follows native.AUTO_INFERENCE, which
-        # loads no adapter on TensorFlow.
+        # loads no adapter on TensorFlow or JAX anyway.
         ops.conv_bn_add_act(x, k, o, o, o, o, training=True, implementation="auto")
         print("loaded", sorted(native._loaded))
     """

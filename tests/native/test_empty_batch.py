@@ -7,7 +7,7 @@ NaN dgamma in training (its sum of no terms is multiplied by the NaN inverse
 standard deviation); the moving statistics take the NaN. The native path must
 not raise, nor divide into garbage, nor differ.
 
-Runs under the backend with a native adapter (TensorFlow or torch). The
+Runs under the backend with a native adapter (TensorFlow, torch or JAX). The
 convolution is the framework's own; TensorFlow's returns the input's channel
 count for an empty batch, so the cases keep in_channels == filters.
 """
@@ -22,6 +22,7 @@ from keras import ops
 from keras_residual import ResidualBlock, native
 from keras_residual.native._build import ACTIVATION_CODES, NativeUnavailable
 from keras_residual.ops import conv_bn_add_act
+from tests.helpers import backend_vjp
 
 BACKEND = keras.config.backend()
 EPSILON = 1e-3
@@ -49,30 +50,6 @@ def _np(t):
     if keras.backend.standardize_dtype(t.dtype) != "float64":
         t = ops.cast(t, "float32")
     return np.asarray(ops.convert_to_numpy(t), dtype=np.float64)
-
-
-def _vjp(fn, inputs, dy):
-    names = [k for k, v in inputs.items() if v is not None]
-    if BACKEND == "torch":
-        leaves = {
-            k: (v.detach().clone().requires_grad_(True) if v is not None else None)
-            for k, v in inputs.items()
-        }
-        out = fn(**leaves)
-        y = out[0] if isinstance(out, tuple) else out
-        y.backward(dy)
-        grads = {k: leaves[k].grad for k in names}
-        out = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
-        return out, grads
-    import tensorflow as tf
-
-    with tf.GradientTape() as tape:
-        for k in names:
-            tape.watch(inputs[k])
-        out = fn(**inputs)
-        y = out[0] if isinstance(out, tuple) else out
-    grads = tape.gradient(y, [inputs[k] for k in names], output_gradients=dy)
-    return out, dict(zip(names, grads, strict=True))
 
 
 def _same(actual, expected, name):
@@ -131,7 +108,7 @@ def test_conv_bn_add_act_native_equals_composite(
                 implementation=implementation,
             )
 
-        results[implementation] = _vjp(run, inputs, dy)
+        results[implementation] = backend_vjp(run, inputs, dy)
     (native_out, native_grads), (composite_out, composite_grads) = results.values()
     if not training:
         native_out, composite_out = (native_out,), (composite_out,)
@@ -169,7 +146,7 @@ def test_adapter_ops(adapter, dtype, channels_last, nhw):
             channels_last=channels_last,
         )
 
-    (y, mean, var), grads = _vjp(train, inputs, _tensor(np.zeros(shape), dtype))
+    (y, mean, var), grads = backend_vjp(train, inputs, _tensor(np.zeros(shape), dtype))
     assert tuple(y.shape) == shape
     assert np.isnan(_np(mean)).all() and np.isnan(_np(var)).all()
     assert tuple(grads["x"].shape) == shape and tuple(grads["residual"].shape) == shape
@@ -188,7 +165,7 @@ def test_adapter_ops(adapter, dtype, channels_last, nhw):
             channels_last=channels_last,
         )
 
-    y, grads = _vjp(epilogue, inputs, _tensor(np.zeros(shape), dtype))
+    y, grads = backend_vjp(epilogue, inputs, _tensor(np.zeros(shape), dtype))
     assert tuple(y.shape) == shape
     np.testing.assert_array_equal(_np(grads["gamma"]), np.zeros(5))
     np.testing.assert_array_equal(_np(grads["beta"]), np.zeros(5))

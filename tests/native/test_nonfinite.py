@@ -12,8 +12,8 @@ Three levels:
   formulas of the composite path (run once, under the default TensorFlow
   backend, like ``test_kernels_numpy.py``);
 - the adapter of the active backend (TensorFlow ops under TensorFlow, torch
-  ops under torch) against the composite formulas run by that framework, the
-  gradients by its autodiff;
+  ops under torch, FFI handlers under JAX) against the composite formulas
+  run by that framework, the gradients by its autodiff;
 - ``conv_bn_add_act`` native against composite, and a model trained with
   ``TerminateOnNaN`` on data holding a NaN.
 
@@ -21,7 +21,10 @@ The frameworks differ where a gradient meets a non-finite value, and each
 adapter follows its own (``GradRule`` in ``kernels.h``): TensorFlow
 multiplies, ``dy * relu'(z)`` (a NaN or inf ``dy`` gives NaN even where
 ``z <= 0``; ``relu'(NaN) = 0``), PyTorch selects (0 where ``z <= 0``; ``dy``
-where ``z`` is NaN).
+where ``z`` is NaN), JAX differentiates the composite formulas term by term
+(relu selects ``dy`` where ``z > 0``, 0 elsewhere, NaN included; silu is
+``dy * s + (dy * z) * s * (1 - s)``, NaN where an inf ``dy`` makes the terms
+opposite infinities).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from keras import ops
 
 from keras_residual import native
 from keras_residual.native._build import ACTIVATION_CODES, NativeUnavailable
+from tests.helpers import backend_vjp
 
 BACKEND = keras.config.backend()
 ACTIVATIONS = ["linear", "relu", "leaky_relu", "relu6", "silu", "gelu"]
@@ -178,7 +182,8 @@ def act_np(z, name, alpha=ALPHA):
 
 
 def act_backward_np(dy, z, name, rule, alpha=ALPHA):
-    """dy * act'(z) as PyTorch ("select") or TensorFlow ("multiply") computes it."""
+    """dy * act'(z) as PyTorch ("select"), TensorFlow ("multiply") or JAX ("termwise")
+    computes it."""
     alpha = z.dtype.type(alpha)
     one = z.dtype.type(1)
     with np.errstate(all="ignore"):
@@ -187,15 +192,19 @@ def act_backward_np(dy, z, name, rule, alpha=ALPHA):
         if name == "relu":
             if rule == "select":
                 return np.where(z <= 0, 0.0, dy)
+            if rule == "termwise":  # jax.nn.relu's select(z > 0, dy, 0)
+                return np.where(z > 0, dy, 0.0)
             return dy * (z > 0)
         if name == "leaky_relu":
-            return np.where(z > 0, dy, dy * alpha)
+            return np.where(z >= 0 if rule == "termwise" else z > 0, dy, dy * alpha)
         if name == "relu6":
-            if rule == "select":  # (z = NaN gives 0, unlike relu)
+            if rule in ("select", "termwise"):  # (z = NaN gives 0, unlike relu)
                 return np.where((z > 0) & (z < 6), dy, 0.0)
             return dy * ((z > 0) & (z < 6))
         if name == "silu":
             s = one / (one + np.exp(-z))
+            if rule == "termwise":  # z * sigmoid(z) differentiated term by term
+                return dy * s + (dy * z) * (s * (one - s))
             return dy * (s * (one + z * (one - s)))
         half = z.dtype.type(0.5)
         cdf = half * (one + erf(z / z.dtype.type(math.sqrt(2.0))))
@@ -241,7 +250,7 @@ def test_kernel_forward(core, dtype, act, channels_last):
 @framework_free
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ACTIVATIONS)
-@pytest.mark.parametrize("rule", ["select", "multiply"])
+@pytest.mark.parametrize("rule", ["select", "multiply", "termwise"])
 @pytest.mark.parametrize("nonfinite_dy", [False, True], ids=["finite_dy", "nonfinite_dy"])
 def test_kernel_backward(core, dtype, act, rule, nonfinite_dy):
     x64, dy64 = special_grid(with_dy=nonfinite_dy)
@@ -326,7 +335,7 @@ def test_kernel_training_nan_channel_is_all_nan(core, act, dtype):
     y = as64(core.scale_shift_add_act(x, scale, shift, activation=act), dtype)
     assert np.isnan(y[..., :5]).all()
     assert np.isfinite(y[..., 5]).all()
-    for rule in ("select", "multiply"):
+    for rule in ("select", "multiply", "termwise"):
         dx, _, dgamma, dbeta = core.batch_norm_add_act_backward(
             dy, x, mean, var, gamma, beta, epsilon=EPSILON, activation=act, grad_rule=rule
         )
@@ -388,35 +397,6 @@ def _act(name, x):
     return keras.activations.get(name)(x)
 
 
-def _vjp(fn, inputs, dy):
-    """(outputs, {name: d<sum(y * dy)>/d input}) of fn(**inputs) by the backend's autodiff."""
-    names = [k for k, v in inputs.items() if v is not None]
-    if BACKEND == "torch":
-        leaves = {
-            k: (v.detach().clone().requires_grad_(True) if v is not None else None)
-            for k, v in inputs.items()
-        }
-        out = fn(**leaves)
-        y = out[0] if isinstance(out, tuple) else out
-        y.backward(dy)
-        grads = {k: leaves[k].grad for k in names}
-        out = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
-        return out, grads
-    import tensorflow as tf
-
-    with tf.GradientTape() as tape:
-        for k in names:
-            tape.watch(inputs[k])
-        out = fn(**inputs)
-        y = out[0] if isinstance(out, tuple) else out
-    grads = tape.gradient(y, [inputs[k] for k in names], output_gradients=dy)
-    return out, dict(zip(names, grads, strict=True))
-
-
-def _grad_rule():
-    return "multiply" if BACKEND == "tensorflow" else "select"
-
-
 def _epilogue_inputs(dtype, nonfinite_dy):
     x64, dy64 = special_grid(with_dy=nonfinite_dy)
     r64 = np.zeros(x64.shape)
@@ -460,8 +440,8 @@ def test_adapter_epilogue(adapter, dtype, act, nonfinite_dy):
         z = ops.cast(ops.cast(x, scale.dtype) * scale + shift, x.dtype)
         return _act(act, z + residual)
 
-    y, grads = _vjp(run_native, inputs, dy)
-    y_ref, grads_ref = _vjp(run_composite, inputs, dy)
+    y, grads = backend_vjp(run_native, inputs, dy)
+    y_ref, grads_ref = backend_vjp(run_composite, inputs, dy)
     assert_same_nonfinite(_np64(y), _np64(y_ref), f"y ({act}, {dtype})")
     assert_finite_close(_np64(y), _np64(y_ref), "y", 5e-2)
     for name in grads_ref:
@@ -520,8 +500,8 @@ def test_adapter_training(adapter, dtype, act, dy_kind):
         )
         return _act(act, ops.cast(z, x.dtype) + residual), mean, var
 
-    (y, mean, var), grads = _vjp(run_native, inputs, dy)
-    (y_ref, mean_ref, var_ref), grads_ref = _vjp(run_composite, inputs, dy)
+    (y, mean, var), grads = backend_vjp(run_native, inputs, dy)
+    (y_ref, mean_ref, var_ref), grads_ref = backend_vjp(run_composite, inputs, dy)
     assert_same_nonfinite(_np64(mean), _np64(mean_ref), "mean")
     assert_same_nonfinite(_np64(var), _np64(var_ref), "var")
     assert_same_nonfinite(_np64(y), _np64(y_ref), f"y ({act}, {dtype})")
@@ -594,7 +574,7 @@ def test_conv_bn_add_act_native_equals_composite(adapter, data_format, act, trai
                 implementation=implementation,
             )
 
-        results[implementation] = _vjp(run, inputs, dy)
+        results[implementation] = backend_vjp(run, inputs, dy)
     (native_out, native_grads), (composite_out, composite_grads) = results.values()
     native_out = native_out if training else (native_out,)
     composite_out = composite_out if training else (composite_out,)

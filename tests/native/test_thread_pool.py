@@ -1,7 +1,8 @@
 """Where the CPU kernels' parallel slices run.
 
 Under an adapter they run on the framework's intra-op pool (torch's
-``at::parallel_for``, TensorFlow's device thread pool), not on threads forked
+``at::parallel_for``, TensorFlow's device thread pool, XLA's intra-op pool
+through the FFI ``ThreadPool``), not on threads forked
 per call, which would compete for the cores with the pool's spinning threads.
 Measured from the outside, in a fresh process: the CPU time of the threads that
 are still alive after many calls, against the process' CPU time, which also
@@ -96,6 +97,22 @@ def call():
 measure(call, 300)
 """
 
+JAX = """
+import jax
+import jax.numpy as jnp
+import numpy as np
+from keras_residual.native import _build, _jax
+try:
+    _jax.load()
+except _build.NativeUnavailable as error:
+    unavailable(error)
+x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 32, 32, 256)).astype("float32"))
+gamma, beta = jnp.ones(256), jnp.zeros(256)
+train = jax.jit(lambda x, gamma, beta: _jax.bn_add_act_train(
+    x, gamma, beta, None, epsilon=1e-3, activation=1, alpha=0.0, channels_last=True))
+measure(lambda: jax.block_until_ready(train(x, gamma, beta)), 300)
+"""
+
 NUMPY_CONTROL = """
 import numpy as np
 from keras_residual.native import _build
@@ -128,6 +145,11 @@ def test_torch_kernels_run_on_torchs_pool():
 def test_tensorflow_kernels_run_on_the_intra_op_pool():
     pytest.importorskip("tensorflow", reason="the TensorFlow adapter needs TensorFlow")
     assert share_on_live_threads(TENSORFLOW, "tensorflow") > 0.9
+
+
+def test_jax_kernels_run_on_xlas_intra_op_pool():
+    pytest.importorskip("jax", reason="the JAX adapter needs JAX")
+    assert share_on_live_threads(JAX, "jax") > 0.9
 
 
 def test_the_measurement_sees_threads_forked_per_call():

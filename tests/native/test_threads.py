@@ -14,7 +14,7 @@ files):
 
 - the op and adapter tests run on the active backend's adapter (TensorFlow
   or torch; each adapter's tests run under its own backend) and skip, with
-  the reason, where it has no adapter (JAX) or it cannot be built here;
+  the reason, where it has no adapter or it cannot be built here;
 - the NumPy core module tests are framework-free: they run once, under the
   default TensorFlow backend;
 - the first-use build races (``slow``: they compile into a fresh cache) run
@@ -103,7 +103,7 @@ CASES = [
 
 
 def _cases():
-    if BACKEND == "torch":
+    if BACKEND != "tensorflow":  # TensorFlow's CPU convolution has no NCHW
         return CASES
     return [case for case in CASES if not case.channels_first]
 
@@ -148,6 +148,8 @@ def _tasks():
 def _numpy(tensor) -> np.ndarray:
     if BACKEND == "torch":
         return tensor.detach().cpu().numpy()
+    if BACKEND == "jax":
+        return np.asarray(tensor)
     return tensor.numpy()
 
 
@@ -165,6 +167,18 @@ def _gradients(fn, leaves: dict, weight: np.ndarray) -> dict:
             outputs = fn(**tensors)
             loss = tf.reduce_sum(tf.cast(outputs[0], weight.dtype) * weight)
         grads = tape.gradient(loss, list(tensors.values()))
+    elif BACKEND == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        tensors = {name: jnp.asarray(value) for name, value in leaves.items()}
+
+        def loss_and_outputs(*values):
+            outputs = fn(**dict(zip(tensors, values, strict=True)))
+            return jnp.sum(outputs[0].astype(weight.dtype) * weight), outputs
+
+        argnums = tuple(range(len(tensors)))
+        grads, outputs = jax.grad(loss_and_outputs, argnums, has_aux=True)(*tensors.values())
     else:
         import torch
 
@@ -580,7 +594,7 @@ def _race_result(output: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-ADAPTER_TARGETS = {"tensorflow": "tensorflow", "torch": "torch_ops"}
+ADAPTER_TARGETS = {"tensorflow": "tensorflow", "torch": "torch_ops", "jax": "jax"}
 
 
 @pytest.mark.slow
