@@ -128,23 +128,31 @@ KR_HD P act_grad(P z, P alpha) {
   }
 }
 
-// dy * act'(z). kMul: GradRule::kMultiply, TensorFlow's formulas (relu,
-// relu6: the zero regions give dy * 0 and take z = NaN; gelu: dy * Phi(z) +
-// (dy * z) * phi(z)); else kSelect, PyTorch's (relu, relu6 a select: the
-// zero regions give 0; z = NaN passes dy through relu, not relu6). See
-// kernels.h.
-template <Activation A, typename P, bool kMul = false>
+// dy * act'(z) under each GradRule of kernels.h (R): kMultiply, TensorFlow's
+// formulas (relu, relu6: the zero regions give dy * 0 and take z = NaN;
+// gelu: dy * Phi(z) + (dy * z) * phi(z)); kSelect, PyTorch's (relu, relu6 a
+// select: the zero regions give 0; z = NaN passes dy through relu, not
+// relu6); kTermwise, JAX's (relu and relu6 select, z = NaN gives 0;
+// leaky_relu passes dy at z = 0; silu term by term; gelu as kMultiply).
+template <Activation A, typename P, GradRule R = GradRule::kSelect>
 KR_HD P act_backward(P dy, P z, P alpha) {
+  constexpr bool kMul = R == GradRule::kMultiply;
+  constexpr bool kTerm = R == GradRule::kTermwise;
   if constexpr (A == Activation::kLinear) {
     return dy;
   } else if constexpr (A == Activation::kRelu) {
     if constexpr (kMul) return z > P(0) ? dy : dy * P(0);
+    if constexpr (kTerm) return z > P(0) ? dy : P(0);
     return z <= P(0) ? P(0) : dy;
   } else if constexpr (A == Activation::kLeakyRelu) {
+    if constexpr (kTerm) return z >= P(0) ? dy : dy * alpha;
     return z > P(0) ? dy : dy * alpha;
   } else if constexpr (A == Activation::kRelu6) {
     return (z > P(0) && z < P(6)) ? dy : (kMul ? dy * P(0) : P(0));
-  } else if constexpr (A == Activation::kGelu && kMul) {
+  } else if constexpr (A == Activation::kSilu && kTerm) {
+    const P s = P(1) / (P(1) + kr_exp(-z));
+    return dy * s + (dy * z) * (s * (P(1) - s));
+  } else if constexpr (A == Activation::kGelu && (kMul || kTerm)) {
     const P cdf = P(0.5) * (P(1) + kr_erf(z * P(0.70710678118654752440)));
     const P pdf = kr_exp(P(-0.5) * z * z) * P(0.39894228040143267794);
     return dy * cdf + (dy * z) * pdf;
@@ -158,12 +166,13 @@ KR_HD P act_backward(P dy, P z, P alpha) {
 // described at run time by ActParams:
 //   forward   z < 0 ? (zero_lo ? 0 : lo * z) : (clip && z > hi ? hi : z)
 //   backward  z > 0 ? (clip && z >= hi ? zero : dy)
-//                   : zero_lo ? (mul || clip || z <= 0 ? zero : dy) : dy * lo
+//                   : zero_lo ? (mul || clip || term || z <= 0 ? zero : dy)
+//                   : (term && z == 0 ? dy : dy * lo)
 //             with zero = mul ? dy * 0 : 0
 // which give exactly act_forward / act_backward above (also for +-0, +-inf
 // and NaN): linear lo = 1; relu zero_lo; leaky_relu lo = alpha; relu6
 // zero_lo, clip at hi = 6; mul for GradRule::kMultiply (which gelu follows
-// too).
+// too), term for GradRule::kTermwise (and silu's and gelu's formulas).
 enum class KernelAct : int { kPiecewiseLinear = 0, kSilu = 1, kGelu = 2 };
 
 template <typename P>
@@ -173,6 +182,7 @@ struct ActParams {
   bool clip;
   bool zero_lo;
   bool mul = false;
+  bool term = false;
 };
 
 inline KernelAct kernel_act(Activation a) {
@@ -187,6 +197,7 @@ template <typename P>
 inline ActParams<P> act_params(Act act) {
   ActParams<P> p{P(1), P(0), false, false};  // linear (silu ignores it, gelu all but mul)
   p.mul = act.grad_rule == GradRule::kMultiply;
+  p.term = act.grad_rule == GradRule::kTermwise;
   if (act.kind == Activation::kRelu) {
     p.zero_lo = true;
   } else if (act.kind == Activation::kLeakyRelu) {
@@ -214,16 +225,18 @@ KR_HD P kact_forward(P z, const ActParams<P>& p) {
 template <KernelAct K, typename P>
 KR_HD P kact_backward(P dy, P z, const ActParams<P>& p) {
   if constexpr (K == KernelAct::kSilu) {
-    return act_backward<Activation::kSilu, P>(dy, z, P(0));
+    return p.term ? act_backward<Activation::kSilu, P, GradRule::kTermwise>(dy, z, P(0))
+                  : act_backward<Activation::kSilu, P>(dy, z, P(0));
   } else if constexpr (K == KernelAct::kGelu) {
-    return p.mul ? act_backward<Activation::kGelu, P, true>(dy, z, P(0))
-                 : act_backward<Activation::kGelu, P>(dy, z, P(0));
+    return p.mul || p.term ? act_backward<Activation::kGelu, P, GradRule::kMultiply>(dy, z, P(0))
+                           : act_backward<Activation::kGelu, P>(dy, z, P(0));
   } else {
     const P zero = p.mul ? dy * P(0) : P(0);
     if (z > P(0)) return (p.clip && z >= p.hi) ? zero : dy;
     // z <= 0 or NaN; NaN passes dy through relu under the select rule only.
-    if (p.zero_lo) return (p.mul || p.clip || z <= P(0)) ? zero : dy;
-    return dy * p.lo;
+    if (p.zero_lo) return (p.mul || p.clip || p.term || z <= P(0)) ? zero : dy;
+    // leaky_relu (and linear) under the termwise rule: z >= 0 passes dy.
+    return (p.term && z == P(0)) ? dy : dy * p.lo;
   }
 }
 

@@ -556,6 +556,22 @@ __global__ void __launch_bounds__(kThreads)
   coef[4 * c + ch] = P((beta != nullptr ? double(beta[ch]) : 0.0) - double(mean[ch]) * scj);
 }
 
+// The training forward's per-channel constants from the batch statistics, in
+// the parameter type as cpu::batch_norm_add_act computes them:
+// scale = gamma / sqrt(var + epsilon), shift = beta - mean * scale.
+template <typename P>
+__global__ void __launch_bounds__(kThreads)
+    stats_scale_shift_kernel(const P* __restrict__ mean, const P* __restrict__ var,
+                             const P* __restrict__ gamma, const P* __restrict__ beta,
+                             double epsilon, int64_t c, P* __restrict__ scale,
+                             P* __restrict__ shift) {
+  const int64_t ch = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (ch >= c) return;
+  const P sc = gamma[ch] / sqrt(var[ch] + P(epsilon));
+  scale[ch] = sc;
+  shift[ch] = beta[ch] - mean[ch] * sc;
+}
+
 // ------------------------------------------------------------------- host --
 
 template <class F>
@@ -837,6 +853,29 @@ int scale_shift_add_act(DType dtype, const void* x, const void* residual, Shape 
       }
       return launch_forward<T, K, 1>(x, residual, shape, scale, shift, params, y, st);
     });
+  });
+}
+
+int batch_norm_add_act(DType dtype, const void* x, const void* residual, Shape shape,
+                       const void* gamma, const void* beta, double epsilon, Act act, void* y,
+                       void* mean, void* var, void* workspace, void* stream) {
+  using namespace detail;
+  const int err = batch_stats(dtype, x, shape, mean, var, workspace, stream);
+  if (err != 0 || shape.size() == 0) return err;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  return with_dtype(dtype, [&](auto t) -> int {
+    using P = typename decltype(t)::P;
+    // The statistics pass is done with the partials: scale and shift take the
+    // start of the workspace.
+    P* scale = static_cast<P*>(workspace);
+    P* shift = scale + shape.c;
+    const unsigned blocks = unsigned((shape.c + kThreads - 1) / kThreads);
+    stats_scale_shift_kernel<P><<<blocks, kThreads, 0, st>>>(
+        static_cast<const P*>(mean), static_cast<const P*>(var), static_cast<const P*>(gamma),
+        static_cast<const P*>(beta), epsilon, shape.c, scale, shift);
+    const int launch = int(cudaGetLastError());
+    if (launch != 0) return launch;
+    return scale_shift_add_act(dtype, x, residual, shape, scale, shift, act, y, stream);
   });
 }
 

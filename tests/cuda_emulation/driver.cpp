@@ -9,7 +9,8 @@
 //   (default)    the emulator's own checks (shuffles, barriers, misuse it
 //                must report; the float16 / bfloat16 conversions), then
 //                finite inputs: every dtype x layout x activation x residual,
-//                forward, statistics and both backward functions, over the
+//                forward, statistics, the training forward and both
+//                backward functions, over the
 //                shapes C in {1, 3, 17, 67, 2048}, H*W in {1, 13, 49} and a
 //                few more (vectorised paths, several reduction splits, empty
 //                tensors). Tolerances: the rounding of the dtype and of the
@@ -20,8 +21,8 @@
 //                Keras semantics: forward IEEE propagation (relu(NaN) = NaN,
 //                relu6(inf) = 6, silu(-inf) = NaN, ...), mean / variance of
 //                Keras' moments; backward each GradRule of kernels.h where it
-//                has one (PyTorch's select, TensorFlow's multiply), else the
-//                select. Classes that only the arithmetic's precision or a
+//                has one (PyTorch's select, TensorFlow's multiply, JAX's
+//                termwise), else the select. Classes that only the arithmetic's precision or a
 //                rounding near a kink decides are not checked (counted), nor
 //                the reductions they enter.
 //   --all        both.
@@ -350,6 +351,20 @@ const char* act_name(Activation a) {
   return "?";
 }
 
+// Act::grad_rule (GradRule) where kernels.h has it: the driver builds
+// against kernels.h with and without it. The rules as kernels.h numbers
+// them: kSelect (PyTorch's), kMultiply (TensorFlow's), kTermwise (JAX's).
+template <class A>
+constexpr bool has_grad_rule_v = requires(A a) { a.grad_rule; };
+constexpr bool kHasGradRule = has_grad_rule_v<Act>;
+constexpr int kRuleSelect = 0, kRuleMultiply = 1, kRuleTermwise = 2;
+constexpr int kRules = kHasGradRule ? 3 : 1;
+
+const char* rule_name(int rule) {
+  if (rule == kRuleMultiply) return " grad=multiply";
+  return rule == kRuleTermwise ? " grad=termwise" : "";
+}
+
 // Keras' activations in float64: IEEE propagation (NaN in, NaN out).
 double act_forward(Activation a, double z) {
   if (std::isnan(z)) return z;
@@ -370,31 +385,36 @@ double act_forward(Activation a, double z) {
 // relu6: (0 < z < 6) ? dy : 0). silu' = s (1 + z (1 - s)) and gelu' = Phi
 // + z phi are NaN at +-inf. R: the precision.
 template <class R>
-R grad_formula(Activation a, bool mul, R dy, R z) {
+R grad_formula(Activation a, int rule, R dy, R z) {
+  const bool mul = rule == kRuleMultiply, term = rule == kRuleTermwise;
   switch (a) {
     case Activation::kLinear: return dy;
     case Activation::kRelu:
       if (z > R(0)) return dy;
       if (mul) return dy * R(0);
+      if (term) return R(0);
       return z <= R(0) ? R(0) : dy;
-    case Activation::kLeakyRelu: return z > R(0) ? dy : dy * R(kAlpha);
+    case Activation::kLeakyRelu:
+      if (term) return z >= R(0) ? dy : dy * R(kAlpha);
+      return z > R(0) ? dy : dy * R(kAlpha);
     case Activation::kRelu6:
       if (z > R(0) && z < R(6)) return dy;
       return mul ? dy * R(0) : R(0);
     case Activation::kSilu: {
       const R sg = R(1) / (R(1) + std::exp(-z));
+      if (term) return dy * sg + (dy * z) * (sg * (R(1) - sg));
       return dy * (sg * (R(1) + z * (R(1) - sg)));
     }
     case Activation::kGelu: {
       const R cdf = R(0.5) * (R(1) + std::erf(z * R(0.70710678118654752440)));
       const R pdf = std::exp(R(-0.5) * z * z) * R(0.39894228040143267794);
-      return mul ? dy * cdf + (dy * z) * pdf : dy * (cdf + z * pdf);
+      return mul || term ? dy * cdf + (dy * z) * pdf : dy * (cdf + z * pdf);
     }
   }
   return R(NAN);
 }
 
-double act_derivative(Activation a, double z) { return grad_formula<double>(a, false, 1.0, z); }
+double act_derivative(Activation a, double z) { return grad_formula<double>(a, kRuleSelect, 1.0, z); }
 
 // 0 finite, 1 NaN, 2 +inf, 3 -inf.
 int kind(double v) { return std::isnan(v) ? 1 : (std::isinf(v) ? (v > 0 ? 2 : 3) : 0); }
@@ -406,9 +426,9 @@ struct Grad {
   bool skip;   // the precision or rounding decides the NaN / inf class: not checked
 };
 
-Grad grad_ref(const DT& t, Activation a, bool mul, double dy, double z, double dz) {
+Grad grad_ref(const DT& t, Activation a, int rule, double dy, double z, double dz) {
   const double u = t.u;
-  Grad r{grad_formula<double>(a, mul, dy, z), 0.0, false};
+  Grad r{grad_formula<double>(a, rule, dy, z), 0.0, false};
   const bool finite = std::isfinite(dy) && std::isfinite(z);
   if (std::isfinite(z) && is_relu_family(a)) {
     // Rounding may put the kernel's z on the other side of a kink (or on it).
@@ -416,7 +436,7 @@ Grad grad_ref(const DT& t, Activation a, bool mul, double dy, double z, double d
       if (kink == 6.0 && a != Activation::kRelu6) continue;
       if (!(std::fabs(z - kink) <= 2 * dz)) continue;
       for (double zz : {std::nextafter(kink, -kInf), kink, std::nextafter(kink, kInf)}) {
-        const double alt = grad_formula<double>(a, mul, dy, zz);
+        const double alt = grad_formula<double>(a, rule, dy, zz);
         if (kind(alt) != kind(r.g)) {
           r.skip = true;
         } else if (finite) {
@@ -429,7 +449,7 @@ Grad grad_ref(const DT& t, Activation a, bool mul, double dy, double z, double d
     // Classes that the arithmetic's precision decides (sigmoid or the normal
     // pdf underflowing in float, the sign of act' near its zeros, z near 0 in
     // gelu's TensorFlow formula) are not checked.
-    if (t.p == 4 && kind(grad_formula<float>(a, mul, float(dy), float(z))) != kind(r.g)) {
+    if (t.p == 4 && kind(grad_formula<float>(a, rule, float(dy), float(z))) != kind(r.g)) {
       r.skip = true;
     }
     if (std::isfinite(z) && is_smooth(a)) {
@@ -445,18 +465,12 @@ Grad grad_ref(const DT& t, Activation a, bool mul, double dy, double z, double d
 
 // ------------------------------------------------------------------ cases --
 
-// Act::grad_rule (GradRule) where kernels.h has it: the driver builds
-// against kernels.h with and without it.
-template <class A>
-constexpr bool has_grad_rule_v = requires(A a) { a.grad_rule; };
-constexpr bool kHasGradRule = has_grad_rule_v<Act>;
-
 template <class A = Act>
-A make_act(Activation kind, bool mul) {
+A make_act(Activation kind, int rule) {
   A a{};
   a.kind = kind;
   a.alpha = kAlpha;
-  if constexpr (has_grad_rule_v<A>) a.grad_rule = static_cast<decltype(a.grad_rule)>(mul ? 1 : 0);
+  if constexpr (has_grad_rule_v<A>) a.grad_rule = static_cast<decltype(a.grad_rule)>(rule);
   return a;
 }
 
@@ -471,7 +485,7 @@ struct Case {
   bool want_dres = true;   // backward: dresidual wanted
   bool null_scale = false; // scale = nullptr (and dscale not wanted); bn: gamma = beta = nullptr
   bool specials = false;   // NaN / inf inputs
-  bool mul = false;        // backward: GradRule::kMultiply (TensorFlow's)
+  int rule = kRuleSelect;  // backward: the GradRule
   uint64_t seed = 0;
 };
 
@@ -487,7 +501,7 @@ std::string describe(const char* op, const Case& k) {
                 !stats && k.residual ? " +residual" : "", k.aligned ? "" : " misaligned",
                 backward && !k.want_dres ? " no-dresidual" : "",
                 !stats && k.null_scale ? " null-params" : "", k.specials ? " nonfinite" : "",
-                backward && k.mul ? " grad=multiply" : "");
+                backward ? rule_name(k.rule) : "");
   return buf;
 }
 
@@ -613,6 +627,74 @@ void run_stats(const Case& k) {
   }
 }
 
+// ----------------------------------------------------- batch_norm_add_act --
+
+// The training forward: its mean and var are batch_stats' (bit for bit), and
+// y = act((x - mean) * gamma / sqrt(var + eps) + beta + residual) from them.
+void run_bn_forward(const Case& k) {
+  const DT& t = *k.t;
+  const Shape s = k.s;
+  if (!selected("batch_norm_add_act", k)) return;
+  ++g_count.cases;
+  g_case = describe("batch_norm_add_act", k);
+  g_key = std::string("batch_norm_add_act ") + act_name(k.act);
+  Rng rng(k.seed);
+  Inputs in(rng, s.c);
+  Buf x = storage(t, s.size(), k.aligned, false), r = storage(t, s.size(), k.aligned, false);
+  fill_x(k, rng, in, x);
+  fill_normal(k, rng, r);
+  Buf gamma = params(t, s.c, k.aligned, false), beta = params(t, s.c, k.aligned, false);
+  for (int64_t j = 0; j < s.c; ++j) {
+    pstore(t, gamma.p(), j, rng.uni(0.5, 3.0) * (rng.uni() < 0.25 ? -1 : 1));
+    pstore(t, beta.p(), j, rng.uni(-1.0, 1.0));
+  }
+  for (Buf* b : {&x, &r, &gamma, &beta}) b->snapshot();
+  Buf yc = storage(t, s.size(), k.aligned, true), yp = storage(t, s.size(), k.aligned, true);
+  Buf mc = params(t, s.c, k.aligned, true), vc = params(t, s.c, k.aligned, true);
+  Buf mp = params(t, s.c, k.aligned, true), vp = params(t, s.c, k.aligned, true);
+  Buf ms = params(t, s.c, k.aligned, true), vs = params(t, s.c, k.aligned, true);
+  Buf ws = workspace(t, s), ws2 = workspace(t, s);
+  const void* res = k.residual ? r.p() : nullptr;
+  const Act act = make_act(k.act, kRuleSelect);
+  check_emulation("batch_norm_add_act",
+                  cuda::batch_norm_add_act(t.id, x.p(), res, s, gamma.p(), beta.p(), kEpsilon,
+                                           act, yc.p(), mc.p(), vc.p(), ws.p(), nullptr));
+  check_emulation("batch_stats",
+                  cuda::batch_stats(t.id, x.p(), s, ms.p(), vs.p(), ws2.p(), nullptr));
+  cpu::batch_norm_add_act(t.id, x.p(), res, s, gamma.p(), beta.p(), kEpsilon, act, yp.p(),
+                          mp.p(), vp.p());
+  check_buffers("batch_norm_add_act", {&x, &r, &gamma, &beta},
+                {&yc, &yp, &mc, &vc, &mp, &vp, &ms, &vs, &ws, &ws2});
+
+  for (int64_t j = 0; j < s.c; ++j) {
+    for (auto [got, want] : {std::pair{pload(t, mc.p(), j), pload(t, ms.p(), j)},
+                             std::pair{pload(t, vc.p(), j), pload(t, vs.p(), j)}}) {
+      ++g_count.checks;
+      if (!(got == want || (std::isnan(got) && std::isnan(want))))
+        failure(g_count.fail_cuda, "cuda batch_norm_add_act stats[%" PRId64 "] = %.17g, "
+                "batch_stats %.17g", j, got, want);
+    }
+  }
+  // y from the CUDA statistics in float64; the CPU's differ by the
+  // statistics' rounding, which the tolerance adds.
+  for (int64_t i = 0; i < s.size(); ++i) {
+    const int64_t j = channel_of(s, i);
+    const double m = pload(t, mc.p(), j), v = pload(t, vc.p(), j);
+    const double dm = std::fabs(m - pload(t, mp.p(), j)), dv = std::fabs(v - pload(t, vp.p(), j));
+    const double sc = pload(t, gamma.p(), j) / std::sqrt(v + kEpsilon);
+    const double sh = pload(t, beta.p(), j) - m * sc;
+    const double xv = sload(t, x.p(), i), rv = k.residual ? sload(t, r.p(), i) : 0.0;
+    const double z = xv * sc + sh + rv;
+    const double y = act_forward(k.act, z);
+    const double dstats = std::fabs(sc) * (dm + std::fabs(xv - m) * dv / (2 * (v + kEpsilon)));
+    const double dz = 6 * t.u * (std::fabs(xv * sc) + std::fabs(m * sc) + std::fabs(sh) +
+                                 std::fabs(rv)) + dstats;
+    double tol = 1.2 * dz + t.us * std::fabs(y) + t.tiny;
+    if (is_smooth(k.act)) tol += 8 * t.u * (1 + std::fabs(z));
+    check3("y", i, sload(t, yc.p(), i), sload(t, yp.p(), i), y, tol);
+  }
+}
+
 // ---------------------------------------------------- scale_shift_add_act --
 
 void run_forward(const Case& k) {
@@ -636,7 +718,7 @@ void run_forward(const Case& k) {
   Buf yc = storage(t, s.size(), k.aligned, true), yp = storage(t, s.size(), k.aligned, true);
   const void* res = k.residual ? r.p() : nullptr;
   const void* scale = k.null_scale ? nullptr : sc.p();
-  const Act act = make_act(k.act, k.mul);
+  const Act act = make_act(k.act, k.rule);
   check_emulation("scale_shift_add_act", cuda::scale_shift_add_act(t.id, x.p(), res, s, scale,
                                                                     sh.p(), act, yc.p(), nullptr));
   cpu::scale_shift_add_act(t.id, x.p(), res, s, scale, sh.p(), act, yp.p());
@@ -663,7 +745,7 @@ void run_affine_backward(const Case& k) {
   if (!selected("scale_shift_add_act_backward", k)) return;
   ++g_count.cases;
   g_case = describe("scale_shift_add_act_backward", k);
-  g_key = std::string("scale_shift_add_act_backward ") + act_name(k.act) + (k.mul ? " grad=multiply" : "");
+  g_key = std::string("scale_shift_add_act_backward ") + act_name(k.act) + rule_name(k.rule);
   Rng rng(k.seed);
   Inputs in(rng, s.c);
   Buf dy = storage(t, s.size(), k.aligned, false), x = storage(t, s.size(), k.aligned, false),
@@ -684,7 +766,7 @@ void run_affine_backward(const Case& k) {
   Buf ws = workspace(t, s);
   const void* res = k.residual ? r.p() : nullptr;
   const void* scale = k.null_scale ? nullptr : sc.p();
-  const Act act = make_act(k.act, k.mul);
+  const Act act = make_act(k.act, k.rule);
   check_emulation("scale_shift_add_act_backward",
                   cuda::scale_shift_add_act_backward(
                       t.id, dy.p(), x.p(), res, s, scale, sh.p(), act, dxc.p(),
@@ -706,7 +788,7 @@ void run_affine_backward(const Case& k) {
     const double a = k.null_scale ? 1.0 : pload(t, sc.p(), j), b = pload(t, sh.p(), j);
     const double z = xv * a + b + rv;
     const double dz = 3 * t.u * (std::fabs(xv * a) + std::fabs(b) + std::fabs(rv));
-    const Grad gr = grad_ref(t, k.act, k.mul, dyv, z, dz);
+    const Grad gr = grad_ref(t, k.act, k.rule, dyv, z, dz);
     const size_t js = size_t(j);
     sg[js].add(gr.g);
     sgx[js].add(gr.g * xv);
@@ -741,7 +823,7 @@ void run_bn_backward(const Case& k) {
   if (!selected("batch_norm_add_act_backward", k)) return;
   ++g_count.cases;
   g_case = describe("batch_norm_add_act_backward", k);
-  g_key = std::string("batch_norm_add_act_backward ") + act_name(k.act) + (k.mul ? " grad=multiply" : "");
+  g_key = std::string("batch_norm_add_act_backward ") + act_name(k.act) + rule_name(k.rule);
   Rng rng(k.seed);
   Inputs in(rng, s.c);
   Buf dy = storage(t, s.size(), k.aligned, false), x = storage(t, s.size(), k.aligned, false),
@@ -770,7 +852,7 @@ void run_bn_backward(const Case& k) {
   const void* res = k.residual ? r.p() : nullptr;
   const void* gp = k.null_scale ? nullptr : gamma.p();
   const void* bp = k.null_scale ? nullptr : beta.p();
-  const Act act = make_act(k.act, k.mul);
+  const Act act = make_act(k.act, k.rule);
   check_emulation("batch_norm_add_act_backward",
                   cuda::batch_norm_add_act_backward(
                       t.id, dy.p(), x.p(), res, s, mean.p(), var.p(), gp, bp, kEpsilon, act,
@@ -803,7 +885,7 @@ void run_bn_backward(const Case& k) {
     const double sh = bt - mu[j] * scj[j];
     const double z = (xv - mu[j]) * scj[j] + bt + rv;  // the composite's z
     const double dz = 4 * t.u * (std::fabs(xv * scj[j]) + std::fabs(sh) + std::fabs(rv));
-    const Grad gr = grad_ref(t, k.act, k.mul, dyv, z, dz);
+    const Grad gr = grad_ref(t, k.act, k.rule, dyv, z, dz);
     grads[size_t(i)] = gr;
     const double xc = xv - mu[j];
     sg[j].add(gr.g);
@@ -1029,10 +1111,16 @@ void run_plans(const std::vector<Plan>& plans, bool specials) {
           k.aligned = pl.align == kAnyAlign ? (h & 1) != 0 : pl.align == kAligned;
           k.want_dres = (h & 2) != 0;
           k.null_scale = (h & 12) == 12;
-          if (!specials) k.mul = kHasGradRule && (h & 16) != 0;
+          if (!specials) k.rule = int((h >> 4) % uint64_t(kRules));
           return k;
         };
-        if (pl.stats) run_stats(vary(base));
+        if (pl.stats) {
+          run_stats(vary(base));
+          Case k = base;
+          k.act = kActs[(serial / 2) % 6];
+          k.residual = serial % 2 != 0;
+          run_bn_forward(vary(k));
+        }
         for (int q = 0; q < std::min(pl.pairs, 12); ++q) {
           // All pairs in order, or pl.pairs of them spread over the twelve,
           // starting where the previous run stopped.
@@ -1042,8 +1130,8 @@ void run_plans(const std::vector<Plan>& plans, bool specials) {
           k.residual = pair % 2 != 0;
           if (pl.ops & kForward) run_forward(vary(k));
           // Non-finite inputs: the backward under each gradient rule.
-          for (int mul = 0; mul < (specials && kHasGradRule ? 2 : 1); ++mul) {
-            k.mul = mul != 0;
+          for (int rule = 0; rule < (specials ? kRules : 1); ++rule) {
+            k.rule = rule;
             if (pl.ops & kAffineBackward) run_affine_backward(vary(k));
             if (pl.ops & kBnBackward) run_bn_backward(vary(k));
           }

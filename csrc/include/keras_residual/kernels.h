@@ -71,8 +71,7 @@ struct Shape {
 //              z >= 0 ? dy : dy * alpha (jnp.where(z >= 0, ...)); silu term
 //              by term, as z * sigmoid(z) differentiates: dy * s + (dy * z) *
 //              (s * (1 - s)) (NaN for an inf dy where the terms are opposite
-//              infinities); gelu as kMultiply. CPU kernels only: the CUDA
-//              kernels know kSelect and kMultiply.
+//              infinities); gelu as kMultiply.
 // The other activations compute g = dy * act'(z) under every rule; leaky_relu
 // z > 0 ? dy : dy * alpha under the first two.
 enum class GradRule : int { kSelect = 0, kMultiply = 1, kTermwise = 2 };

@@ -18,7 +18,8 @@
 namespace keras_residual {
 namespace cuda {
 
-// Bytes of workspace the reductions of this shape and dtype need.
+// Bytes of workspace the reductions and the training forward of this shape
+// and dtype need.
 size_t workspace_bytes(DType dtype, Shape shape);
 
 int batch_stats(DType dtype, const void* x, Shape shape, void* mean, void* var,
@@ -26,6 +27,13 @@ int batch_stats(DType dtype, const void* x, Shape shape, void* mean, void* var,
 
 int scale_shift_add_act(DType dtype, const void* x, const void* residual, Shape shape,
                         const void* scale, const void* shift, Act act, void* y, void* stream);
+
+// The training forward, as cpu::batch_norm_add_act: batch_stats, then
+// scale_shift_add_act with scale and shift computed on the device in the
+// workspace (workspace_bytes(dtype, shape) covers them).
+int batch_norm_add_act(DType dtype, const void* x, const void* residual, Shape shape,
+                       const void* gamma, const void* beta, double epsilon, Act act, void* y,
+                       void* mean, void* var, void* workspace, void* stream);
 
 int scale_shift_add_act_backward(DType dtype, const void* dy, const void* x,
                                  const void* residual, Shape shape, const void* scale,
