@@ -211,9 +211,9 @@ def _check_private_file(path: Path) -> None:
 
 
 def source_hash(sources: list[Path], extra_key: str = "") -> str:
-    """SHA-256 of the sources, every header under csrc/include and extra_key."""
+    """SHA-256 of the sources, every header under csrc (.h, .cuh) and extra_key."""
     digest = hashlib.sha256()
-    headers = sorted((CSRC / "include").rglob("*.h")) if (CSRC / "include").is_dir() else []
+    headers = sorted([*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh")]) if CSRC.is_dir() else []
     for path in [*sorted(Path(p) for p in sources), *headers]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
@@ -654,6 +654,16 @@ def compiler() -> str:
     if path is None:
         raise NativeUnavailable(f"no C++ compiler found (looked for {name!r}; set CXX)")
     return path
+
+
+def nvcc() -> str | None:
+    """CUDA's compiler: ``$NVCC``, else ``nvcc`` on the PATH, in ``$CUDA_HOME/bin``
+    or in ``/usr/local/cuda/bin``; None if none is found."""
+    explicit = os.environ.get("NVCC")
+    if explicit:
+        return shutil.which(explicit)
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return shutil.which("nvcc") or shutil.which(str(Path(home) / "bin" / "nvcc"))
 
 
 def compiler_version(executable: str | None = None) -> str:

@@ -2,12 +2,13 @@
 
 ``csrc/jax/ffi.cc`` defines four typed XLA FFI handlers (training forward and
 backward, epilogue forward and backward) for float16, bfloat16, float32 and
-float64 buffers on the CPU. This module compiles it on first use against the
-installed jaxlib's FFI headers, loads it once per process with ctypes,
-registers the handlers as XLA custom-call targets and exposes them as
-functions differentiable through `jax.custom_vjp`, usable eagerly, under
-`jax.jit` and in `model.fit`. CUDA handlers are not written: on a GPU the
-composite path runs.
+float64 buffers on the CPU; ``csrc/jax/ffi_cuda.cc`` defines the same four on
+the CUDA kernels, compiled in when JAX sees CUDA devices and nvcc is found.
+This module compiles them on first use against the installed jaxlib's FFI
+headers, loads the library once per process with ctypes, registers the
+handlers as XLA custom-call targets (one name, a handler per platform) and
+exposes them as functions differentiable through `jax.custom_vjp`, usable
+eagerly, under `jax.jit` and in `model.fit`.
 
 Examples:
 
@@ -33,31 +34,122 @@ TARGETS = {
     "KrJaxScaleShiftAddAct": "keras_residual_scale_shift_add_act",
     "KrJaxScaleShiftAddActBackward": "keras_residual_scale_shift_add_act_backward",
 }
+# The CUDA handlers of csrc/jax/ffi_cuda.cc are these symbols with "Cuda"
+# after "KrJax", registered under the same targets for the CUDA platform.
+CUDA_SYMBOLS = {symbol: symbol.replace("KrJax", "KrJaxCuda", 1) for symbol in TARGETS}
 _SOURCE = _build.CSRC / "jax" / "ffi.cc"
+_CUDA_SOURCE = _build.CSRC / "jax" / "ffi_cuda.cc"
 # ffi.cc includes jaxlib's FFI headers only: no -march here either; the
 # kernels get the host's ISA in their own translation unit.
 _FLAGS = ["-std=c++17", "-O3", "-fPIC", "-pthread"]
+# nvcc, for csrc/cuda/*.cu and ffi_cuda.cc: as scripts/check_cuda.sh checks
+# them, with no implicit half / bfloat16 operators or conversions.
+_CUDA_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "-DNDEBUG",
+    "-Xcompiler",
+    "-fPIC",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
 
 _loaded = _build.LoadOnce("the JAX FFI handlers")
+# What the last build() compiled in, for status().
+_cuda_state: dict = {"cuda_compiled": False, "cuda_archs": None, "cuda_reason": None}
 
 
 def sources() -> list[Path]:
-    """The C++ files compiled into the handler library."""
+    """The C++ files compiled into the CPU-only handler library."""
     return [*_build.kernel_sources(), _SOURCE]
 
 
-def _compile(out_path: Path, build_dir: Path) -> None:
+def cuda_sources() -> list[Path]:
+    """The extra sources compiled in with the CUDA handlers."""
+    return [*sorted((_build.CSRC / "cuda").glob("*.cu")), _CUDA_SOURCE]
+
+
+def _cuda_plan() -> tuple[list[str] | None, str | None]:
+    """(compute capabilities such as ["90"], None) when the CUDA handlers can be
+    compiled for JAX's CUDA devices, else (None, why not)."""
+    import jax
+
+    try:
+        devices = jax.devices("cuda")
+    except RuntimeError:
+        return None, "jax has no CUDA devices"
+    nvcc = _build.nvcc()
+    if nvcc is None:
+        return None, "no nvcc found (set NVCC or CUDA_HOME)"
+    archs = sorted(
+        {
+            str(device.compute_capability).replace(".", "")
+            for device in devices
+            if getattr(device, "compute_capability", None)
+        }
+    )
+    if not archs:
+        return None, "jax's CUDA devices name no compute capability"
+    return archs, None
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    """nvcc's -gencode flags: machine code for each of `archs` (such as "90"),
+    and PTX for the newest, which later GPUs compile when they load it."""
+    flags = []
+    for arch in archs:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return [*flags, "-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
+def compile_cuda_objects(build_dir: Path, archs: list[str]) -> list[Path]:
+    """Compiles the CUDA kernels and ffi_cuda.cc with nvcc into `build_dir`;
+    returns the object files.
+
+    Raises:
+        NativeUnavailable: nvcc is missing or failed.
+    """
+    import jax
+
+    nvcc = _build.nvcc()
+    if nvcc is None:
+        raise _build.NativeUnavailable("no nvcc found (set NVCC or CUDA_HOME)")
+    # jaxlib's headers are system headers: their own warnings are not ours.
+    includes = [f"-I{_build.CSRC / 'include'}", "-isystem", str(jax.ffi.include_dir())]
+    objects = []
+    for source in cuda_sources():
+        obj = Path(build_dir) / f"cuda_{source.parent.name}_{source.stem}.o"
+        flags = gencode_flags(archs) if source.suffix == ".cu" else []
+        _build.run_compiler(
+            [nvcc, *_CUDA_FLAGS, *flags, *includes, "-c", str(source), "-o", str(obj)],
+            cwd=build_dir,
+        )
+        objects.append(obj)
+    return objects
+
+
+def _compile(out_path: Path, build_dir: Path, archs: list[str] | None) -> None:
     import jax
 
     cxx = _build.compiler()
     kernels = _build.compile_kernels(build_dir)
     handlers = build_dir / "jax_ffi.o"
-    includes = [f"-I{jax.ffi.include_dir()}", f"-I{_build.CSRC / 'include'}"]
+    includes = [f"-I{_build.CSRC / 'include'}", "-isystem", str(jax.ffi.include_dir())]
     _build.run_compiler(
         [cxx, *_FLAGS, *includes, "-c", str(_SOURCE), "-o", str(handlers)], cwd=build_dir
     )
+    objects = [handlers, *kernels]
+    if archs is None:
+        _build.run_compiler(
+            [cxx, "-shared", *_FLAGS, *map(str, objects), "-o", str(out_path)], cwd=build_dir
+        )
+        return
+    objects += compile_cuda_objects(build_dir, archs)
+    # nvcc links the CUDA runtime in statically: nothing to find at load time.
     _build.run_compiler(
-        [cxx, "-shared", *_FLAGS, str(handlers), *map(str, kernels), "-o", str(out_path)],
+        [_build.nvcc(), "-shared", "-Xcompiler", "-fPIC", *map(str, objects), "-o", str(out_path)],
         cwd=build_dir,
     )
 
@@ -68,25 +160,26 @@ def build(force: bool = False, cuda: bool | None = None) -> Path:
     Args:
         force: compile even if the cache holds a valid library or a
             recorded failure.
-        cuda: must be None or False: the JAX adapter has CPU handlers only.
+        cuda: compile the CUDA handlers in. `None` (the default) means
+            whenever JAX has CUDA devices and nvcc is found; `True` requires
+            it; `False` leaves them out.
 
     Returns:
         The path of the shared library.
 
     Raises:
         NativeUnavailable: JAX, the compiler or the sources are missing, or
-            compiling failed (`BuildFailed`, now or earlier).
+            compiling failed (`BuildFailed`, now or earlier), or `cuda=True`
+            and CUDA cannot be compiled for.
     """
-    if cuda:
-        raise ValueError(
-            "`cuda` must be None or False: the JAX adapter has CPU handlers only. "
-            f"Received: cuda={cuda!r}"
-        )
     try:
         import jax
         import jaxlib
     except ImportError as error:
         raise _build.NativeUnavailable(f"jax is not installed ({error})") from error
+    archs, cuda_reason = (None, "not requested") if cuda is False else _cuda_plan()
+    if cuda and archs is None:
+        raise _build.NativeUnavailable(f"cannot compile the CUDA handlers: {cuda_reason}")
     extra = " ".join(
         [
             _build.compiler_version(),
@@ -94,18 +187,26 @@ def build(force: bool = False, cuda: bool | None = None) -> Path:
             f"jaxlib {jaxlib.__version__}",
             str(jax.ffi.include_dir()),
             _build.kernel_key(),
+            *(
+                [f"cuda {','.join(archs)}", _build.compiler_version(_build.nvcc()), *_CUDA_FLAGS]
+                if archs
+                else []
+            ),
         ]
     )
-    return _build.build_library(
+    path = _build.build_library(
         "jax",
-        sources(),
+        sources() + (cuda_sources() if archs else []),
         framework_version=jax.__version__,
-        compile=_compile,
+        compile=functools.partial(_compile, archs=archs),
         extra_key=extra,
         rebuild=force,
-        description=f"the JAX {jax.__version__} FFI handlers",
-        estimate="30 seconds",
+        description=f"the JAX {jax.__version__} FFI handlers"
+        + (f" with CUDA handlers for sm_{', sm_'.join(archs)}" if archs else ""),
+        estimate="1 to 3 minutes" if archs else "30 seconds",
     )
+    _cuda_state.update(cuda_compiled=archs is not None, cuda_archs=archs, cuda_reason=cuda_reason)
+    return path
 
 
 def load():
@@ -113,6 +214,7 @@ def load():
 
     The library is loaded and its handlers registered with XLA once per
     process; a failure is remembered and raised again without a second build.
+    Where the CUDA handlers fail to compile, the CPU ones still load.
 
     Raises:
         NativeUnavailable: why the library cannot be built or loaded.
@@ -120,14 +222,26 @@ def load():
     return _loaded.get(_load)
 
 
+def _build_with_fallback() -> Path:
+    """build(), and if that fails with the CUDA handlers in, a CPU-only build."""
+    try:
+        return build()
+    except _build.NativeUnavailable as error:
+        if _cuda_plan()[0] is None:
+            raise
+        path = build(cuda=False)
+        _cuda_state["cuda_reason"] = f"compiling the CUDA handlers failed: {error}"
+        return path
+
+
 def _load():
-    path = build()
+    path = _build_with_fallback()
     try:
         library = _register(path)
     except (OSError, AttributeError):
         # A library that passed its checks but does not load: compile it
         # afresh once.
-        path = build(force=True)
+        path = build(force=True, cuda=_cuda_state["cuda_compiled"])
         library = _register(path)
     return path, library
 
@@ -138,9 +252,16 @@ def _register(path: Path):
     import jax
 
     library = ctypes.cdll.LoadLibrary(str(path))
-    capsules = {target: jax.ffi.pycapsule(getattr(library, s)) for s, target in TARGETS.items()}
-    for target, capsule in capsules.items():
-        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+    handlers = [("cpu", symbol, target) for symbol, target in TARGETS.items()]
+    if _cuda_state["cuda_compiled"]:
+        handlers += [("CUDA", CUDA_SYMBOLS[symbol], target) for symbol, target in TARGETS.items()]
+    # Every symbol first, so that a library missing one registers nothing.
+    capsules = [
+        (platform, target, jax.ffi.pycapsule(getattr(library, symbol)))
+        for platform, symbol, target in handlers
+    ]
+    for platform, target, capsule in capsules:
+        jax.ffi.register_ffi_target(target, capsule, platform=platform)
     return library
 
 
@@ -161,6 +282,9 @@ def status() -> dict:
         info["reason"] = f"jax is not installed ({error})"
         return info
     info["jax"] = jax.__version__
+    info.update(_cuda_state)
+    if info["cuda_compiled"]:
+        info["cuda_reason"] = None
     return _loaded.status(info)
 
 
@@ -180,11 +304,14 @@ def graph_reason(x) -> str | None:
 
 
 def device_reason(x) -> str | None:
-    """Why the handlers cannot run on `x`'s device (CPU handlers only), or None."""
+    """Why the handlers cannot run on `x`'s device, or None."""
     platform = _platform(x)
     if platform == "cpu":
         return None
-    return f"no native kernel for platform {platform!r} on jax (CPU handlers only)"
+    if platform in ("gpu", "cuda") and _cuda_state["cuda_compiled"]:
+        return None
+    why = _cuda_state["cuda_reason"] or "CPU handlers only"
+    return f"no native kernel for platform {platform!r} on jax ({why})"
 
 
 def _platform(x) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from keras_residual import ResidualBlock, native
-from keras_residual.native import _jax
+from keras_residual.native import _build, _jax
 from keras_residual.ops import conv_bn_add_act
 from tests.helpers import run_fresh_python
 
@@ -235,3 +235,47 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path):
     )
     assert out.startswith("1 keras_residual: native kernels unavailable on jax"), out
     assert "composite path" in out
+
+
+# -- the CUDA handlers: compiled and linked here, run only where JAX has CUDA --
+
+
+def test_gencode_flags_give_machine_code_per_arch_and_ptx_for_the_newest():
+    assert _jax.gencode_flags(["80", "90"]) == [
+        "-gencode",
+        "arch=compute_80,code=sm_80",
+        "-gencode",
+        "arch=compute_90,code=sm_90",
+        "-gencode",
+        "arch=compute_90,code=compute_90",
+    ]
+
+
+def test_without_cuda_devices_the_status_says_why_and_gpu_arrays_fall_back():
+    if jax.default_backend() != "cpu":
+        pytest.skip("this JAX has a GPU: the CUDA handlers are what it loads")
+    info = _jax.status()
+    assert info["loaded"] and not info["cuda_compiled"]
+    assert info["cuda_reason"] == "jax has no CUDA devices"
+    assert _jax.device_reason(jnp.ones(2)) is None
+    assert _jax.CUDA_SYMBOLS["KrJaxBnAddActTrain"] == "KrJaxCudaBnAddActTrain"
+
+
+@pytest.mark.skipif(
+    _build.nvcc() is None, reason="nvcc not found: the CUDA handlers cannot be compiled here"
+)
+def test_the_library_with_cuda_handlers_compiles_links_and_exports_every_handler(tmp_path):
+    """What build() does on a machine where JAX has CUDA devices, for sm_80:
+    nvcc compiles csrc/cuda and ffi_cuda.cc, and the library links with the
+    CUDA runtime in. It loads without a GPU (nothing runs until a handler
+    is called), so its eight handler symbols can be looked up here."""
+    import ctypes
+
+    library_path = tmp_path / "libkr_jax_cuda.so"
+    _jax._compile(library_path, tmp_path, archs=["80"])
+    log = (tmp_path / _build.LOG_FILE).read_text()
+    assert "ffi_cuda.cc" in log and "kernels.cu" in log and "code=sm_80" in log
+    library = ctypes.CDLL(str(library_path))
+    for symbol in [*_jax.TARGETS, *_jax.CUDA_SYMBOLS.values()]:
+        assert getattr(library, symbol) is not None
+    assert len(set(_jax.CUDA_SYMBOLS.values())) == len(_jax.TARGETS) == 4
