@@ -73,15 +73,15 @@ def main(argv=None) -> int:
         action="store_const",
         const=True,
         default=None,
-        help="torch: require the CUDA kernels (fail if they cannot be compiled)",
+        help="torch and jax: require the CUDA kernels (fail if they cannot be compiled)",
     )
     cuda.add_argument(
         "--no-cuda",
         dest="cuda",
         action="store_const",
         const=False,
-        help="torch: leave the CUDA kernels out (default: compile them when torch "
-        "has CUDA and nvcc is found)",
+        help="torch and jax: leave the CUDA kernels out (default: compile them when "
+        "the framework has CUDA and nvcc is found)",
     )
 
     args = parser.parse_args(argv)

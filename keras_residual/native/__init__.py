@@ -7,8 +7,9 @@ Keras through one adapter per backend:
   functions and gradients.
 - ``torch``: ``torch.library`` ops (CPU, and CUDA when torch has CUDA and
   ``nvcc`` is present), with autograd and fake kernels for ``torch.compile``.
-- ``jax``: typed XLA FFI handlers (CPU), registered as custom-call targets
-  and differentiable through `jax.custom_vjp`.
+- ``jax``: typed XLA FFI handlers (CPU, and CUDA when JAX has CUDA devices
+  and ``nvcc`` is present), registered as custom-call targets and
+  differentiable through `jax.custom_vjp`.
 
 Every adapter module offers the same interface (`Adapter`), and owns all the
 knowledge of its backend: how to build and load it, which graphs cannot hold
@@ -293,9 +294,9 @@ def build(backend: str, force: bool = False, cuda: bool | None = None) -> Path:
             module).
         force: compile even if the cache holds a library or a recorded
             failure. Defaults to `False`.
-        cuda: torch only: `True` requires the CUDA kernels, `False` leaves
-            them out, `None` compiles them when torch has CUDA and nvcc is
-            found. Defaults to `None`.
+        cuda: torch and jax: `True` requires the CUDA kernels, `False`
+            leaves them out, `None` compiles them when the framework has CUDA
+            (JAX: CUDA devices) and nvcc is found. Defaults to `None`.
 
     Returns:
         The path of the library in the cache.

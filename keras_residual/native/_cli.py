@@ -14,6 +14,8 @@ from keras_residual.native import _build
 
 # What `--backend all` builds, with the module each needs installed.
 TARGETS = {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}
+# The adapters with CUDA kernels, and the module of each that knows their state.
+CUDA = {"torch": "_torch", "jax": "_jax"}
 
 
 def build(backend: str, force: bool = False, cuda: bool | None = None) -> int:
@@ -44,7 +46,7 @@ def build(backend: str, force: bool = False, cuda: bool | None = None) -> int:
         started, wall_started = time.monotonic(), time.time()
         try:
             with _heartbeat(label, started):
-                path = native.build(name, force=force, cuda=cuda if name == "torch" else None)
+                path = native.build(name, force=force, cuda=cuda if name in CUDA else None)
         except native.BuildFailed as error:
             failed += 1
             print(
@@ -62,10 +64,8 @@ def build(backend: str, force: bool = False, cuda: bool | None = None) -> int:
         elapsed = time.monotonic() - started
         how = "compiled" if _written_since(path, wall_started) else "found in the cache"
         extra = ""
-        if name == "torch":
-            from keras_residual.native import _torch
-
-            state = _torch.status()
+        if name in CUDA:
+            state = importlib.import_module(f"keras_residual.native.{CUDA[name]}").status()
             extra = (
                 f", CUDA for {state['cuda_archs']}"
                 if state["cuda_compiled"]

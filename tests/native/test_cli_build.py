@@ -70,6 +70,17 @@ def test_cuda_required_on_a_cpu_only_torch_fails_with_the_reason(tmp_path):
     assert "torch: FAILED" in result.stderr and "torch is a CPU-only build" in result.stderr
 
 
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_cuda_required_on_a_jax_without_cuda_devices_fails_with_the_reason(tmp_path):
+    result = _build(
+        ["--backend", "jax", "--cuda"],
+        {"KERAS_RESIDUAL_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 1
+    assert "jax: FAILED" in result.stderr
+    assert "cannot compile the CUDA handlers: jax has no CUDA devices" in result.stderr
+
+
 def test_bad_arguments_are_refused():
     result = _build(["--backend", "numpy"], timeout=300)
     assert result.returncode == 2 and "invalid choice: 'numpy'" in result.stderr
