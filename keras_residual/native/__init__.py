@@ -32,7 +32,6 @@ True
 from __future__ import annotations
 
 import importlib
-import shutil
 import subprocess
 import threading
 import warnings
@@ -46,6 +45,7 @@ from keras_residual.native._build import (
     cache_dir,
     compiler_version,
     cpu_arch,
+    nvcc,
 )
 
 __all__ = [
@@ -328,12 +328,12 @@ def _device(backend: str) -> str:
 
 
 def _nvcc_version() -> str | None:
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
+    executable = nvcc()
+    if executable is None:
         return None
     try:
         output = subprocess.run(
-            [nvcc, "--version"], capture_output=True, text=True, timeout=30, check=False
+            [executable, "--version"], capture_output=True, text=True, timeout=30, check=False
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
