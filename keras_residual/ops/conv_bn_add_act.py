@@ -472,7 +472,7 @@ def _native(
         if bias is not None:
             mean = ops.add(mean, ops.cast(bias, mean.dtype))
         return outputs, mean, variance
-    scale, shift = None, None
+    scale = None  # 1: no BN left (a folded model)
     if gamma is not None:
         scale, shift = _scale_shift(
             gamma, beta, moving_mean, moving_variance, bias, epsilon, param_dtype
