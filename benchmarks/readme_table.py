@@ -1,0 +1,73 @@
+"""Prints README.md's table of bench results from the committed result files.
+
+Each row is one mode of one ``python -m keras_residual bench`` run in
+``benchmarks/results/``: the ratio of each implementation to
+keras.applications and, on torch, in brackets, to plain PyTorch
+(torchvision). Edit `RUNS` when a newer file replaces an older one, then
+paste the output into README.md's Performance section:
+
+    python benchmarks/readme_table.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (backend, model, mode, folder): the newest file for each row.
+RUNS = [
+    ("torch", "ResNet50", "train", "cpu-2core-xeon-2026-12-01-torch-resnet50-v1.5"),
+    ("torch", "ResNet50", "inference", "cpu-2core-xeon-2026-12-01-torch-resnet50-v1.5"),
+    ("torch", "ResNet18", "train", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5"),
+    ("torch", "ResNet18", "inference", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5"),
+    ("TensorFlow", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-tensorflow-resnet50"),
+    (
+        "TensorFlow",
+        "ResNet50",
+        "inference",
+        "cpu-2core-xeon-2026-12-02-tensorflow-resnet50-inference",
+    ),
+    ("TensorFlow", "ResNet18", "train", "cpu-2core-xeon-2026-12-02-tensorflow-resnet18"),
+    (
+        "TensorFlow",
+        "ResNet18",
+        "inference",
+        "cpu-2core-xeon-2026-12-02-tensorflow-resnet18-inference",
+    ),
+    ("JAX", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-jax-resnet50-ffi"),
+    ("JAX", "ResNet50", "inference", "cpu-2core-xeon-2026-12-02-jax-resnet50-ffi"),
+    ("JAX", "ResNet18", "train", "cpu-2core-xeon-2026-12-02-jax-resnet18-ffi"),
+    ("JAX", "ResNet18", "inference", "cpu-2core-xeon-2026-12-02-jax-resnet18-ffi-inference"),
+]
+COLUMNS = ["composite", "native", "auto", "folded", "limit", "torchvision"]
+
+
+def cell(record: dict | None, column: str) -> str:
+    if record is None or record.get("skipped") or record.get("error"):
+        return "-"
+    text = f"{record['ratio_vs_keras_applications']:.2f}x"
+    if record.get("ratio_vs_torchvision") and column != "torchvision":
+        text += f" ({record['ratio_vs_torchvision']:.2f}x)"
+    return text
+
+
+def table() -> str:
+    lines = [
+        "| backend | model | mode | " + " | ".join(COLUMNS) + " | file |",
+        "|---|---|---|" + "---:|" * len(COLUMNS) + "---|",
+    ]
+    for backend, model, mode, folder in RUNS:
+        records = json.loads((RESULTS / folder / "results.json").read_text())["records"]
+        by_row = {r["implementation"]: r for r in records if r["mode"] == mode}
+        cells = " | ".join(cell(by_row.get(column), column) for column in COLUMNS)
+        name = folder.replace("cpu-2core-xeon-", "")
+        lines.append(
+            f"| {backend} | {model} | {mode} | {cells} | "
+            f"[{name}](benchmarks/results/{folder}/) |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())
