@@ -63,8 +63,7 @@ def table() -> str:
         cells = " | ".join(cell(by_row.get(column), column) for column in COLUMNS)
         name = folder.replace("cpu-2core-xeon-", "")
         lines.append(
-            f"| {backend} | {model} | {mode} | {cells} | "
-            f"[{name}](benchmarks/results/{folder}/) |"
+            f"| {backend} | {model} | {mode} | {cells} | [{name}](benchmarks/results/{folder}/) |"
         )
     return "\n".join(lines)
 
