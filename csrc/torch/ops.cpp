@@ -35,7 +35,6 @@
 #include "ops_common.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -176,13 +175,6 @@ EpilogueArgs check_epilogue(const at::Tensor& x, const std::optional<at::Tensor>
   return args;
 }
 
-void scale_shift_from_stats(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma,
-                            const at::Tensor& beta, double epsilon, at::Tensor& scale,
-                            at::Tensor& shift) {
-  scale = gamma * (var + epsilon).rsqrt();
-  shift = beta - mean * scale;
-}
-
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 void* mutable_ptr_or_null(at::Tensor& t) {
@@ -233,14 +225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_act_train_cpu(
   auto param_options = a.x.options().dtype(param_type(a.x.scalar_type()));
   at::Tensor mean = at::empty({a.shape.c}, param_options);
   at::Tensor var = at::empty({a.shape.c}, param_options);
-  cpu::batch_stats(a.dtype, a.x.const_data_ptr(), a.shape, mean.mutable_data_ptr(),
-                   var.mutable_data_ptr());
-  at::Tensor scale, shift;
-  scale_shift_from_stats(mean, var, a.gamma, a.beta, epsilon, scale, shift);
   at::Tensor y = at::empty_like(a.x, at::MemoryFormat::Contiguous);
-  cpu::scale_shift_add_act(a.dtype, a.x.const_data_ptr(), ptr_or_null(a.residual), a.shape,
-                           scale.const_data_ptr(), shift.const_data_ptr(), a.act,
-                           y.mutable_data_ptr());
+  cpu::batch_norm_add_act(a.dtype, a.x.const_data_ptr(), ptr_or_null(a.residual), a.shape,
+                          a.gamma.const_data_ptr(), a.beta.const_data_ptr(), epsilon, a.act,
+                          y.mutable_data_ptr(), mean.mutable_data_ptr(), var.mutable_data_ptr());
   return {y, mean, var};
 }
 

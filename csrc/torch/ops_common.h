@@ -55,12 +55,6 @@ EpilogueArgs check_epilogue(const at::Tensor& x, const std::optional<at::Tensor>
                             const at::Tensor& shift, const std::optional<at::Tensor>& residual,
                             int64_t activation, double alpha, bool channels_last, const char* op);
 
-// scale = gamma / sqrt(var + epsilon), shift = beta - mean * scale, computed
-// with ATen ops on the tensors' device (c values: negligible work).
-void scale_shift_from_stats(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma,
-                            const at::Tensor& beta, double epsilon, at::Tensor& scale,
-                            at::Tensor& shift);
-
 // Data pointer, or nullptr for an undefined (or, when mutable, empty) tensor.
 const void* ptr_or_null(const at::Tensor& t);
 void* mutable_ptr_or_null(at::Tensor& t);

@@ -53,16 +53,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_act_train_cuda(
   at::Tensor mean = at::empty({a.shape.c}, param_options);
   at::Tensor var = at::empty({a.shape.c}, param_options);
   at::Tensor ws = workspace(a.dtype, a.shape, a.x);
-  check_launch(cuda::batch_stats(a.dtype, a.x.const_data_ptr(), a.shape, mean.mutable_data_ptr(),
-                                 var.mutable_data_ptr(), ws.mutable_data_ptr(), stream),
-               op, "batch_stats");
-  at::Tensor scale, shift;
-  scale_shift_from_stats(mean, var, a.gamma, a.beta, epsilon, scale, shift);
   at::Tensor y = at::empty_like(a.x, at::MemoryFormat::Contiguous);
-  check_launch(cuda::scale_shift_add_act(a.dtype, a.x.const_data_ptr(), ptr_or_null(a.residual),
-                                         a.shape, scale.const_data_ptr(), shift.const_data_ptr(),
-                                         a.act, y.mutable_data_ptr(), stream),
-               op, "scale_shift_add_act");
+  check_launch(cuda::batch_norm_add_act(a.dtype, a.x.const_data_ptr(), ptr_or_null(a.residual),
+                                        a.shape, a.gamma.const_data_ptr(),
+                                        a.beta.const_data_ptr(), epsilon, a.act,
+                                        y.mutable_data_ptr(), mean.mutable_data_ptr(),
+                                        var.mutable_data_ptr(), ws.mutable_data_ptr(), stream),
+               op, "batch_norm_add_act");
   return {y, mean, var};
 }
 
