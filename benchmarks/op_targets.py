@@ -8,6 +8,15 @@ against `F.conv2d` + `F.batch_norm` + add + relu on the same tensors:
   activation dominate;
 - "whole op": a 1x1 256 -> 256 conv, which both paths share.
 
+On torch it then measures the fused work alone on every BatchNormalization
+shape of ResNet50 (batch 16, 128x128, NHWC; `--arch v1.5` adds the shapes
+of the stride on the 3x3), forward and backward apart: the native op
+against `F.batch_norm` + add + relu on the same memory (NCHW views in
+channels_last), with a residual on every shape. The backward is timed
+alone: each repeat runs the forward untimed, then times autograd's
+backward from the same `dy`. The targets: native never slower, and at
+least 1.3x faster from 4 MB up.
+
 The variants alternate repeat by repeat; the table gives each one's median
 and its speedup over the others. Run with the backend to measure:
 
@@ -20,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +39,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_residual import native  # noqa: E402
+from keras_residual.bench import _env  # noqa: E402
 from keras_residual.ops import conv_bn_add_act  # noqa: E402
 
 CASES = {"fused work (1x1 conv 8->256)": 8, "whole op (1x1 conv 256->256)": 256}
@@ -119,6 +128,116 @@ def _torch_variants(arrays):
     return {"native": make("native"), "composite": make("composite"), "torch F.batch_norm": plain}
 
 
+# (h, w, channels) of every BatchNormalization output of ResNet50 at 128x128:
+# the stem, then per stage the bottleneck width and the stage's output.
+RESNET50_SHAPES = [
+    (64, 64, 64),
+    (32, 32, 64),
+    (32, 32, 256),
+    (16, 16, 128),
+    (16, 16, 512),
+    (8, 8, 256),
+    (8, 8, 1024),
+    (4, 4, 512),
+    (4, 4, 2048),
+]
+# With the stride on the 3x3 (v1.5), each later stage's first 1x1 runs at
+# the size of the stage before.
+V15_SHAPES = [(32, 32, 128), (16, 16, 256), (8, 8, 512)]
+TARGET_FROM_BYTES = 4 << 20
+TARGET_SPEEDUP = 1.3
+
+
+def _torch_shape_variants(h, w, channels, batch=16, seed=0):
+    """Forward and backward of the fused work alone, native and plain torch."""
+    import torch
+    import torch.nn.functional as F
+
+    from keras_residual.native import _torch
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, h, w, channels)
+    x = torch.randn(shape, generator=gen)
+    residual = torch.randn(shape, generator=gen)
+    dy = torch.randn(shape, generator=gen)
+    gamma = torch.rand(channels, generator=gen) + 0.5
+    beta = torch.randn(channels, generator=gen) * 0.1
+    leaves = [t.clone().requires_grad_(True) for t in (x, gamma, beta, residual)]
+
+    def native_forward():
+        xl, gl, bl, rl = leaves
+        return _torch.bn_add_act_train(xl, gl, bl, rl, epsilon=1e-5, activation="relu")[0]
+
+    def plain_forward():
+        # The same NHWC memory seen as NCHW in channels_last, as torchvision runs.
+        xl, gl, bl, rl = leaves
+        nchw = xl.permute(0, 3, 1, 2)
+        y = F.batch_norm(nchw, None, None, gl, bl, training=True, eps=1e-5)
+        return F.relu(y + rl.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def timed_backward(forward):
+        def run():
+            y = forward()
+            start = time.perf_counter()
+            torch.autograd.grad(y, leaves, dy)
+            return time.perf_counter() - start
+
+        return run
+
+    def timed_forward(forward):
+        def run():
+            with torch.no_grad():
+                start = time.perf_counter()
+                forward()
+                return time.perf_counter() - start
+
+        return run
+
+    forward = {"native": timed_forward(native_forward), "torch": timed_forward(plain_forward)}
+    backward = {"native": timed_backward(native_forward), "torch": timed_backward(plain_forward)}
+    return forward, backward, x.numel() * x.element_size()
+
+
+def measure_self_timed(variants, repeats, warmup=3):
+    """Like `measure`, for functions that time themselves and return seconds."""
+    times = {name: [] for name in variants}
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(fn())
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+def per_shape(shapes, repeats):
+    """One record per shape and direction: medians and native's speedup."""
+    records = []
+    for h, w, channels in shapes:
+        forward, backward, nbytes = _torch_shape_variants(h, w, channels)
+        for direction, variants in (("forward", forward), ("backward", backward)):
+            medians = measure_self_timed(variants, repeats)
+            speedup = medians["torch"] / medians["native"]
+            target = TARGET_SPEEDUP if nbytes >= TARGET_FROM_BYTES else 1.0
+            record = {
+                "shape": [16, h, w, channels],
+                "megabytes": nbytes / 2**20,
+                "direction": direction,
+                "median_ms": medians,
+                "native_speedup": speedup,
+                "target": target,
+                "met": speedup >= target,
+            }
+            records.append(record)
+            print(
+                f"  (16, {h:2d}, {w:2d}, {channels:4d}) {nbytes / 2**20:5.1f} MB {direction:8s} "
+                f"native {medians['native']:7.3f} ms  torch {medians['torch']:7.3f} ms  "
+                f"speedup {speedup:5.2f}x  target {target:.1f}x  "
+                f"{'met' if record['met'] else 'MISSED'}"
+            )
+    return records
+
+
 def measure(variants, repeats, warmup=3):
     times = {name: [] for name in variants}
     for _ in range(warmup):
@@ -136,6 +255,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--arch",
+        choices=["keras", "v1.5"],
+        default="v1.5",
+        help="whose ResNet50 shapes to measure per shape (torch; default v1.5)",
+    )
+    parser.add_argument("--no-shapes", action="store_true", help="skip the per-shape table (torch)")
     args = parser.parse_args(argv)
     backend = keras.config.backend()
     if not native.available():
@@ -159,16 +285,21 @@ def main(argv=None) -> int:
                 f"{name} {ratio:.2f}x" for name, ratio in record["native_speedup_vs"].items()
             )
         )
+    shape_records = []
+    if backend == "torch" and not args.no_shapes:
+        shapes = RESNET50_SHAPES + (V15_SHAPES if args.arch == "v1.5" else [])
+        shapes = sorted(shapes, key=lambda s: s[0] * s[1] * s[2])
+        print(f"fused work per ResNet50 shape ({args.arch}), batch 16, float32, relu, residual:")
+        shape_records = per_shape(shapes, args.repeats)
+        missed = sum(not r["met"] for r in shape_records)
+        print(f"  targets met on {len(shape_records) - missed} of {len(shape_records)}")
     if args.out:
         result = {
-            "host": {
-                "machine": platform.machine(),
-                "processor": platform.processor(),
-                "cores": os.cpu_count(),
-            },
-            "versions": {"python": platform.python_version(), "keras": keras.__version__},
+            "host": _env.host(),
+            "versions": _env.versions(backend),
             "repeats": args.repeats,
             "records": records,
+            "per_shape": {"arch": args.arch, "records": shape_records},
         }
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as handle:

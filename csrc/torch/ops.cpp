@@ -30,7 +30,8 @@
 //       (out, kh, kw, in) memory of a channels_last convolution, at close to
 //       memory speed.
 //   build_info() -> str
-//       The kernels' version and whether the CUDA kernels are compiled in.
+//       The kernels' version, whether the CUDA kernels are compiled in, and
+//       whether the CPU kernels run on torch's intra-op threads.
 
 #include "ops_common.h"
 
@@ -333,6 +334,13 @@ std::string build_info() {
   info += "; cuda";
 #else
   info += "; cpu only";
+#endif
+  // at::parallel_for is parallel only where torch's headers see an
+  // intra-op pool (OpenMP builds: this file compiled with -fopenmp).
+#ifdef INTRA_OP_PARALLEL
+  info += "; cpu threads: torch intra-op pool";
+#else
+  info += "; cpu threads: none (at::parallel_for runs serially)";
 #endif
   return info;
 }

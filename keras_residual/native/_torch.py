@@ -94,10 +94,26 @@ def _cuda_plan() -> tuple[str | None, str | None]:
     return ";".join(names), None
 
 
+def _openmp_flags() -> list[str]:
+    """`-fopenmp` where torch's intra-op pool is OpenMP's (Linux builds).
+
+    The CPU kernels run their slices through `at::parallel_for`, a template
+    in torch's headers that is parallel only in code compiled with OpenMP:
+    without `-fopenmp` it runs every slice on the calling thread, so the
+    kernels used one core. The library then links `libgomp.so.1`, which
+    resolves to the copy torch has already loaded: one pool for both.
+    """
+    import torch
+
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def _common_cflags() -> list[str]:
     # torch's extension builder adds -std=c++20 itself (its headers need it);
     # the kernels are C++17 code that compiles unchanged as C++20.
-    return ["-O3", "-DNDEBUG"]
+    return ["-O3", "-DNDEBUG", *_openmp_flags()]
 
 
 def _compile_in_subprocess(
@@ -123,7 +139,7 @@ def _compile_in_subprocess(
         "out_path": str(out_path),
         "cflags": cflags,
         "cuda_cflags": ["-O3", "-DNDEBUG", "-DKERAS_RESIDUAL_WITH_CUDA"] if with_cuda else [],
-        "ldflags": [str(path) for path in kernels],
+        "ldflags": [str(path) for path in kernels] + _openmp_flags(),
         "include": [str(_build.CSRC / "include"), str(_build.CSRC / "torch")],
     }
     script = (

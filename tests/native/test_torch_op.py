@@ -492,6 +492,20 @@ def test_python_wrapper_checks(ops):
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
+def test_cpu_kernels_run_on_torchs_intra_op_pool(ops):
+    """at::parallel_for is serial in code built without the pool torch uses.
+
+    torch's OpenMP builds need the library compiled with -fopenmp
+    (`_torch._openmp_flags`); without it the CPU kernels ran on one thread.
+    """
+    if not (
+        torch.backends.openmp.is_available()
+        or "native thread pool" in torch.__config__.parallel_info()
+    ):
+        pytest.skip("this torch has no intra-op thread pool")
+    assert "cpu threads: torch intra-op pool" in _torch.status()["build_info"]
+
+
 def test_status_and_supports(ops):
     status = _torch.status()
     assert status["built"] and status["loaded"] and status["reason"] is None
