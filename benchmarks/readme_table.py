@@ -17,10 +17,10 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 # (backend, model, mode, folder): the newest file for each row.
 RUNS = [
-    ("torch", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-torch-resnet50-v1.5"),
-    ("torch", "ResNet50", "inference", "cpu-2core-xeon-2026-12-02-torch-resnet50-v1.5"),
-    ("torch", "ResNet18", "train", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5"),
-    ("torch", "ResNet18", "inference", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5"),
+    ("torch", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-torch-resnet50-v1.5-openmp"),
+    ("torch", "ResNet50", "inference", "cpu-2core-xeon-2026-12-02-torch-resnet50-v1.5-openmp"),
+    ("torch", "ResNet18", "train", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5-openmp"),
+    ("torch", "ResNet18", "inference", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5-openmp"),
     ("TensorFlow", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-tensorflow-resnet50"),
     (
         "TensorFlow",
