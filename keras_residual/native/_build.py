@@ -452,6 +452,24 @@ def build_library(
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def build_with_cuda_fallback(
+    build: Callable[..., Path], cuda_planned: bool, state: dict, part: str
+) -> Path:
+    """`build()`, and if that fails with the CUDA `part` in, `build(cuda=False)`.
+
+    The CUDA part may be what failed: the CPU library is still worth having.
+    `state["cuda_reason"]` then says why CUDA is left out.
+    """
+    try:
+        return build()
+    except NativeUnavailable as error:
+        if not cuda_planned:
+            raise
+        path = build(cuda=False)
+        state["cuda_reason"] = f"compiling the CUDA {part} failed: {error}"
+        return path
+
+
 def _ready(build: Plan) -> Path | None:
     """The library if the entry holds a good one; raises for a recorded failure."""
     state = _lookup(build)

@@ -224,14 +224,8 @@ def load():
 
 def _build_with_fallback() -> Path:
     """build(), and if that fails with the CUDA handlers in, a CPU-only build."""
-    try:
-        return build()
-    except _build.NativeUnavailable as error:
-        if _cuda_plan()[0] is None:
-            raise
-        path = build(cuda=False)
-        _cuda_state["cuda_reason"] = f"compiling the CUDA handlers failed: {error}"
-        return path
+    planned = _cuda_plan()[0] is not None
+    return _build.build_with_cuda_fallback(build, planned, _cuda_state, "handlers")
 
 
 def _load():
@@ -283,8 +277,6 @@ def status() -> dict:
         return info
     info["jax"] = jax.__version__
     info.update(_cuda_state)
-    if info["cuda_compiled"]:
-        info["cuda_reason"] = None
     return _loaded.status(info)
 
 

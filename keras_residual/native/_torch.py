@@ -227,16 +227,7 @@ def build(force: bool = False, cuda: bool | None = None) -> Path:
 
 def _build_with_fallback() -> Path:
     """build(), and if that fails with the CUDA kernels in, a CPU-only build."""
-    with_cuda = _cuda_plan()[0] is not None
-    try:
-        return build()
-    except _build.NativeUnavailable as error:
-        if not with_cuda:
-            raise
-        # The CUDA part may be what failed: the CPU ops are still worth having.
-        path = build(cuda=False)
-        _state["cuda_reason"] = f"compiling the CUDA kernels failed: {error}"
-        return path
+    return _build.build_with_cuda_fallback(build, _cuda_plan()[0] is not None, _state, "kernels")
 
 
 def load() -> None:
