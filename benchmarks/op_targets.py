@@ -198,25 +198,13 @@ def _torch_shape_variants(h, w, channels, batch=16, seed=0):
     return forward, backward, x.numel() * x.element_size()
 
 
-def measure_self_timed(variants, repeats, warmup=3):
-    """Like `measure`, for functions that time themselves and return seconds."""
-    times = {name: [] for name in variants}
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(fn())
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
-
-
 def per_shape(shapes, repeats):
     """One record per shape and direction: medians and native's speedup."""
     records = []
     for h, w, channels in shapes:
         forward, backward, nbytes = _torch_shape_variants(h, w, channels)
         for direction, variants in (("forward", forward), ("backward", backward)):
-            medians = measure_self_timed(variants, repeats)
+            medians = measure(variants, repeats, timed=True)
             speedup = medians["torch"] / medians["native"]
             target = TARGET_SPEEDUP if nbytes >= TARGET_FROM_BYTES else 1.0
             record = {
@@ -238,16 +226,27 @@ def per_shape(shapes, repeats):
     return records
 
 
-def measure(variants, repeats, warmup=3):
+def measure(variants, repeats, warmup=3, timed=False):
+    """Medians in ms of the variants, called in turn, repeat by repeat.
+
+    With `timed`, each variant times itself and returns its seconds (to
+    leave untimed set-up out); otherwise the whole call is timed.
+    """
+
+    def seconds(fn):
+        if timed:
+            return fn()
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
     times = {name: [] for name in variants}
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     for _ in range(repeats):
         for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(seconds(fn))
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
