@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -480,3 +481,24 @@ def test_ratio_to_torchvision_of_given_records(tmp_path):
     assert saved["records"][0]["ratio_vs_torchvision"] == 2.0
     if "chart" in paths:  # with matplotlib: the chart has the ratio panel
         assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(keras.config.backend() != "torch", reason="the per-shape table is torch's")
+def test_op_targets_per_shape_records_both_directions_against_plain_torch():
+    from keras_residual import native
+
+    if not native.available():
+        pytest.skip("the native path does not load here")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "op_targets.py"
+    spec = importlib.util.spec_from_file_location("op_targets", path)
+    op_targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(op_targets)
+    # Small tensors: the records' shape and the target's rule, not speed.
+    records = op_targets.per_shape([(4, 4, 8)], repeats=1, batch=2)
+    assert [r["direction"] for r in records] == ["forward", "backward"]
+    for record in records:
+        assert record["shape"] == [2, 4, 4, 8]
+        assert set(record["median_ms"]) == {"native", "torch"}
+        assert all(ms > 0 for ms in record["median_ms"].values())
+        assert record["target"] == 1.0  # below 4 MB: never slower
+        assert record["met"] == (record["native_speedup"] >= 1.0)
