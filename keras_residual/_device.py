@@ -6,16 +6,27 @@ import os
 import platform
 
 
-def cpu_model() -> str:
-    """The processor's marketing name, as the OS reports it."""
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in Linux's /proc/cpuinfo, or None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                name, _, value = line.partition(":")
+                if name.strip().lower() == field:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+    return None
+
+
+def cpu_model() -> str:
+    """The processor's marketing name, as the OS reports it."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown cpu"
+
+
+def cpu_vendor() -> str | None:
+    """The x86 vendor string ("GenuineIntel", "AuthenticAMD") on Linux, else None."""
+    return _cpuinfo("vendor_id")
 
 
 def cpu_cores() -> int:

@@ -502,3 +502,20 @@ def test_op_targets_per_shape_records_both_directions_against_plain_torch():
         assert all(ms > 0 for ms in record["median_ms"].values())
         assert record["target"] == 1.0  # below 4 MB: never slower
         assert record["met"] == (record["native_speedup"] >= 1.0)
+
+
+@pytest.mark.skipif(
+    keras.config.backend() not in ("jax", "torch"),
+    reason="the adapters with a 1x1 matmul: JAX, torch",
+)
+def test_pointwise_checks_and_times_both_functions():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pointwise.py"
+    spec = importlib.util.spec_from_file_location("pointwise", path)
+    pointwise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pointwise)
+    # A small shape: the record and the equality check, not speed.
+    record = pointwise.measure((2, 4, 4, 8, 16), repeats=1)
+    assert record["shape"] == [2, 4, 4, 8, 16]
+    assert set(record["ms"]) == {"conv", "matmul", "conv fwd+bwd", "matmul fwd+bwd"}
+    assert all(ms > 0 for ms in record["ms"].values())
+    assert record["forward_ratio"] == record["ms"]["conv"] / record["ms"]["matmul"]

@@ -53,14 +53,15 @@ __all__ = [
     "Adapter",
     "BuildFailed",
     "NativeUnavailable",
+    "OWN_OPS",
     "UntrustedCache",
     "adapter",
-    "add_bias_residual",
     "auto_inference",
     "available",
     "build",
     "graph_reason",
     "info",
+    "own_op",
     "print_info",
 ]
 
@@ -83,6 +84,8 @@ AUTO_INFERENCE = {
     "torch": "native",
     "jax": "composite",
 }
+# The framework ops an adapter module may have its own version of (`own_op`).
+OWN_OPS = ("conv2d", "max_pool2d", "add_bias_residual")
 NO_ADAPTER = {
     "numpy": "the numpy backend has no gradients or native adapter",
     "openvino": "no native adapter for OpenVINO",
@@ -92,34 +95,40 @@ NO_ADAPTER = {
 class Adapter(Protocol):
     """What every adapter module (``_tensorflow``, ``_torch``, ``_jax``) provides.
 
-    An adapter may also offer, optionally (not a member here, so that
-    adapters without it still match), its own convolution::
+    An adapter module may also offer, optionally (not members here, so that
+    adapters without them still match), its own versions of three framework
+    ops (`OWN_OPS`). They are plain framework code that needs no built
+    library; `own_op(backend, name)` finds them.
+
+    Its own convolution::
 
         def conv2d(inputs, kernel, *, strides, padding, dilation_rate,
                    channels_last): ...
 
     `keras.ops.conv` of a 4D input, equal to it within float rounding:
     `kernel` in Keras' layout `(kh, kw, in, out)`, `padding` `"same"`
-    (TensorFlow's, asymmetric where it must be) or `"valid"`, the result in
-    the layout of `inputs` (NHWC when `channels_last`, else NCHW) and
+    (TensorFlow's, asymmetric where it must be), `"valid"` or `"symmetric"`
+    (`dilation * (k - 1) // 2` zeros on every side, PyTorch's), the result
+    in the layout of `inputs` (NHWC when `channels_last`, else NCHW) and
     contiguous in it, as the native ops take it; differentiable with respect
-    to `inputs` and `kernel`. The native path of `conv_bn_add_act` runs its
-    convolution with it (`getattr(adapter, "conv2d", None)`) instead of
-    `keras.ops.conv`. torch has one (its convolution without Keras' NHWC <->
-    NCHW copies); TensorFlow has none. `padding` may also be `"symmetric"`
-    (`dilation * (k - 1) // 2` zeros on every side, PyTorch's).
+    to `inputs` and `kernel`. `conv_bn_add_act` runs its convolution with it
+    instead of `keras.ops.conv` unless "composite" is asked for or the graph
+    cannot hold the adapter's ops (`graph_reason`). torch has one (its
+    convolution without Keras' NHWC <-> NCHW copies, large 1x1 kernels as
+    matrix products); JAX has one (every 1x1 kernel on the CPU as a matrix
+    product); TensorFlow has none.
 
-    And its own max pooling, for the stem::
+    Its own max pooling, for the stem::
 
         def max_pool2d(inputs, *, pool_size, strides, padding, channels_last): ...
 
     `padding` zeros on every side (as `keras.layers.ZeroPadding2D`), then
     `keras.ops.max_pool` with `"valid"` padding, in the layout of `inputs`;
-    differentiable. `keras_residual.ops.max_pool` runs it where the adapter
-    has it (torch: on the channels_last view, which Keras' pooling copies to
-    contiguous NCHW and back).
+    differentiable. `keras_residual.ops.max_pool` runs it as `conv_bn_add_act`
+    runs `conv2d` (torch: on the channels_last view, which Keras' pooling
+    copies to contiguous NCHW and back).
 
-    And, needing no built library, the sum that follows a conv without BN::
+    The sum that follows a conv without BN::
 
         def add_bias_residual(x, bias, residual, *, channels_last): ...
 
@@ -235,15 +244,19 @@ def auto_inference(backend: str) -> str:
     return AUTO_INFERENCE.get(backend, "composite")
 
 
-def add_bias_residual(backend: str):
-    """`backend`'s own `x + bias + residual` for its graph compiler to fuse, or None.
+def own_op(backend: str, name: str):
+    """`backend`'s own version of the framework op `name`, or None.
 
-    The adapter module's optional `add_bias_residual(x, bias, residual, *,
-    channels_last)` (TensorFlow: BiasAdd and AddN, which grappler fuses into
-    the convolution). Needs no built library.
+    `name` is one of `OWN_OPS`: the adapter module's optional `conv2d`,
+    `max_pool2d` or `add_bias_residual` (see `Adapter`). Needs no built
+    library: nothing is compiled or loaded.
+
+    Raises:
+        ValueError: if `name` is not in `OWN_OPS`.
     """
-    module = _module(backend)
-    return getattr(module, "add_bias_residual", None)
+    if name not in OWN_OPS:
+        raise ValueError(f"`name` must be one of {OWN_OPS}. Received: name={name!r}")
+    return getattr(_module(backend), name, None)
 
 
 def no_adapter_reason(backend: str) -> str | None:

@@ -17,6 +17,7 @@ Activations are passed as the int codes of ``keras_residual::Activation``
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from keras_residual import _padding
+from keras_residual import _device, _padding
 from keras_residual.native import _build
 
 ACTIVATIONS = _build.ACTIVATION_CODES
@@ -640,17 +641,6 @@ def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[i
     return total // 2, total - total // 2
 
 
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value, value
-    values = tuple(int(v) for v in value)
-    if len(values) == 1:
-        return values[0], values[0]
-    if len(values) != 2:
-        raise ValueError(f"`{name}` must be an int or 2 ints. Received: {name}={value!r}")
-    return values
-
-
 # Inference reuses the kernel in the convolution's layout while the variable
 # is unchanged: keyed by the identity of the kernel tensor (checked through a
 # weak reference, so a new tensor at a reused id never matches) and torch's
@@ -714,27 +704,30 @@ def _to_conv_layout(kernel, memory_format):
 
 
 # From this many kernel elements a 1x1 convolution of an NHWC tensor on CPU
-# runs as one matrix product with the Keras kernel as it is: no kernel copy
-# forward or backward, and no reorder inside oneDNN. Training step of the
-# 1x1 convs of ResNet50's last two stages (batch 16, 128x128) on a 2-core
-# Xeon: 1.1-1.2x faster at 2^18 elements (1024 <-> 256 channels), about 2x
-# at 2^20 (2048 <-> 512); below 2^17 the convolution was as fast or faster.
+# runs as one matrix product with the Keras kernel as it is, where torch's
+# matrix product is fast (`_matmul_beats_conv`): no kernel copy forward or
+# backward, and no reorder inside oneDNN. Training step of the 1x1 convs of
+# ResNet50's last two stages (batch 16, 128x128) on a 2-core Intel Xeon:
+# 1.1-1.2x faster at 2^18 elements (1024 <-> 256 channels), about 2x at 2^20
+# (2048 <-> 512); below 2^17 the convolution was as fast or faster.
 _MATMUL_MIN = 1 << 18
 
 
-def _pointwise(inputs, kernel, strides):
-    """The 1x1 convolution of NHWC `inputs` as `(n*h*w, in) @ (in, out)`.
+@functools.cache
+def _matmul_beats_conv() -> bool:
+    """Whether torch's CPU matrix product beats its convolution on large 1x1 kernels.
 
-    A 1x1 kernel pads nothing under "same", "valid" or "symmetric", and its
-    dilation does nothing; a stride subsamples the input first (a copy of
-    the subsampled quarter, where the stride is 2).
+    On x86 torch's matrix product is MKL's sgemm and its convolution
+    oneDNN's. MKL takes its fast paths on Intel CPUs only: on a 2-core AMD
+    EPYC (AVX-512) the matrix product was slower forward and backward on
+    all 9 of ResNet50's 1x1 shapes, at 0.52-0.93x the convolution's speed
+    (0.57-0.90x from `_MATMUL_MIN`; `benchmarks/pointwise.py`). So MKL on an
+    Intel CPU only; other BLAS libraries were not measured and keep the
+    convolution.
     """
-    if strides != (1, 1):
-        inputs = inputs[:, :: strides[0], :: strides[1], :]
-    n, h, w, in_channels = inputs.shape
-    filters = kernel.shape[-1]
-    outputs = inputs.reshape(n * h * w, in_channels) @ kernel.reshape(in_channels, filters)
-    return outputs.view(n, h, w, filters)
+    import torch
+
+    return torch.backends.mkl.is_available() and _device.cpu_vendor() == "GenuineIntel"
 
 
 def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, channels_last=True):
@@ -751,8 +744,8 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
     make the same copy): once per call in training, where its gradient flows
     back to the Keras variable through that copy, and once per change of
     the variable in inference (`_conv_weight`). A large 1x1 kernel
-    (`_MATMUL_MIN`) on CPU needs no copy at all: its convolution of an NHWC
-    input is one matrix product (`_pointwise`).
+    (`_MATMUL_MIN`) on an Intel CPU needs no copy at all: its convolution
+    of an NHWC input is one matrix product (`_padding.pointwise`).
 
     Args:
         inputs: 4D tensor, NHWC when `channels_last`, else NCHW.
@@ -772,8 +765,8 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
     import torch
     import torch.nn.functional as F
 
-    strides = _pair(strides, "strides")
-    dilation = _pair(dilation_rate, "dilation_rate")
+    strides = _padding.pair(strides, "strides")
+    dilation = _padding.pair(dilation_rate, "dilation_rate")
     _padding.check(padding)
     if (
         channels_last
@@ -781,8 +774,9 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
         and kernel.shape[:2] == (1, 1)
         and kernel.shape[2] == inputs.shape[-1]
         and kernel.numel() >= _MATMUL_MIN
+        and _matmul_beats_conv()
     ):
-        return _pointwise(inputs, kernel, strides)
+        return _padding.pointwise(inputs, kernel, strides)
     x = inputs.permute(0, 3, 1, 2) if channels_last else inputs
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     weight = _conv_weight(kernel, memory_format)
@@ -826,9 +820,9 @@ def max_pool2d(inputs, *, pool_size, strides, padding=0, channels_last=True):
     """
     import torch.nn.functional as F
 
-    pad_h, pad_w = _pair(padding, "padding")
+    pad_h, pad_w = _padding.pair(padding, "padding")
     x = inputs.permute(0, 3, 1, 2) if channels_last else inputs
     if pad_h or pad_w:
         x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
-    y = F.max_pool2d(x, _pair(pool_size, "pool_size"), _pair(strides, "strides"))
+    y = F.max_pool2d(x, _padding.pair(pool_size, "pool_size"), _padding.pair(strides, "strides"))
     return y.permute(0, 2, 3, 1) if channels_last else y

@@ -38,12 +38,14 @@ def conv_bn_add_act(
 ):
     """`act(BN(conv(inputs, kernel) + bias) + residual)`, fused where possible.
 
-    The convolution is the framework's own: `keras.ops.conv`, or on the
-    native path the adapter's `conv2d` where it has one (torch's, the same
-    convolution without Keras' layout copies). What follows it, the
-    BatchNormalization, the residual add and the activation, runs either as
-    `keras.ops` (the composite path, the reference) or as the native kernels
-    of `csrc/` (two passes over memory forward, two backward).
+    The convolution is the framework's own: `keras.ops.conv`, or unless
+    "composite" is asked for, the backend's own `conv2d` where it has one
+    (`keras_residual.native.own_op`: torch's, without Keras' layout copies;
+    on torch and JAX, 1x1 convolutions on the CPU as matrix products).
+    What follows it, the BatchNormalization, the residual add and the
+    activation, runs either as `keras.ops` (the composite path, the
+    reference) or as the native kernels of `csrc/` (two passes over memory
+    forward, two backward).
 
     With `gamma`, `beta`, `moving_mean` and `moving_variance` all `None` there
     is no BatchNormalization: `act(conv(inputs) + bias + residual)`, the
@@ -139,13 +141,12 @@ def conv_bn_add_act(
         inputs, kernel, (gamma, beta, moving_mean, moving_variance), bias, channel_axis
     )
 
-    # The adapter is chosen before the convolution: one that has its own
-    # (`conv2d`, torch) runs it without Keras' layout copies. The graph and
-    # device checks look at `inputs`, which shares the conv output's graph
-    # and device.
+    # The graph and device checks look at `inputs`, which shares the conv
+    # output's graph and device.
     if not isinstance(inputs, keras.KerasTensor):
         inputs = ops.convert_to_tensor(inputs)
     requested = _requested(implementation)
+    conv = _own_op("conv2d", requested, inputs)
     if not training and requested == "auto":
         # The written policy of "auto" at inference: `native.AUTO_INFERENCE`.
         policy = native_lib.auto_inference(keras.config.backend())
@@ -159,7 +160,6 @@ def conv_bn_add_act(
     adapter = _native_adapter(
         requested, inputs, activation_name, synchronized and bool(training), data_format
     )
-    conv = None if adapter is None else getattr(adapter, "conv2d", None)
     if conv is None:
         if padding == "symmetric":
             inputs = _pad_symmetric(inputs, kernel, dilation_rate, channel_axis)
@@ -342,6 +342,21 @@ def _native_adapter(requested, x, activation_name, synchronized, data_format):
     return None
 
 
+def _own_op(name, requested, x):
+    """The backend's own `name` for this call (`native.own_op`), or None.
+
+    Never for "composite", which is `keras.ops` as Keras' layers compute it,
+    nor where the graph being traced cannot hold the adapter's ops. These
+    need no built library: they run whether or not the native kernels load.
+    """
+    if requested == "composite":
+        return None
+    backend = keras.config.backend()
+    if native_lib.graph_reason(backend, x) is not None:
+        return None
+    return native_lib.own_op(backend, name)
+
+
 def _unsupported_reason(backend, activation_name, synchronized):
     if not isinstance(activation_name, str) or activation_name not in NATIVE_ACTIVATIONS:
         return f"activation {activation_name!r} has no native kernel"
@@ -388,7 +403,7 @@ def _composite(
     if gamma is None:
         # No BN between them: the bias and the residual are added in the ops
         # the backend's graph compiler fuses into the conv, where it says so.
-        add = native_lib.add_bias_residual(keras.config.backend())
+        add = native_lib.own_op(keras.config.backend(), "add_bias_residual")
         if add is not None:
             x = add(x, bias, residual, channels_last=channel_axis == -1)
             bias = residual = None
@@ -514,9 +529,9 @@ def max_pool(inputs, pool_size, strides, *, padding=0, data_format=None, impleme
     """Zero padding, then a "valid" max pooling: the ResNet stem's pool.
 
     The same as `keras.layers.ZeroPadding2D(padding)` followed by
-    `keras.ops.max_pool(..., padding="valid")`. Where the native path runs
-    and the adapter has its own pooling (torch), it runs that, without
-    Keras' layout copies.
+    `keras.ops.max_pool(..., padding="valid")`. Unless "composite" is asked
+    for, the backend's own pooling runs where it has one (torch's, without
+    Keras' layout copies; `keras_residual.native.own_op`).
 
     Args:
         inputs: 4D tensor.
@@ -525,8 +540,8 @@ def max_pool(inputs, pool_size, strides, *, padding=0, data_format=None, impleme
         data_format: `"channels_last"`, `"channels_first"` or `None` for
             `keras.config.image_data_format()`.
         implementation: `"auto"`, `"native"` or `"composite"`, as for
-            `conv_bn_add_act`; here `"native"` does not raise where the
-            adapter has no pooling of its own.
+            `conv_bn_add_act`; `"auto"` and `"native"` are the same here (the
+            pooling needs no built library).
 
     Returns:
         The pooled tensor.
@@ -534,14 +549,7 @@ def max_pool(inputs, pool_size, strides, *, padding=0, data_format=None, impleme
     data_format = check_data_format(data_format)
     if not isinstance(inputs, keras.KerasTensor):
         inputs = ops.convert_to_tensor(inputs)
-    adapter = _native_adapter(
-        _requested("auto" if implementation == "native" else implementation),
-        inputs,
-        "linear",
-        False,
-        data_format,
-    )
-    pool = None if adapter is None else getattr(adapter, "max_pool2d", None)
+    pool = _own_op("max_pool2d", _requested(implementation), inputs)
     if pool is not None:
         return pool(
             inputs,

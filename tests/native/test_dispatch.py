@@ -365,3 +365,17 @@ def test_environment_composite_turns_the_native_path_off():
     if os.environ.get("KERAS_RESIDUAL_IMPLEMENTATION", "auto") == "auto":
         out = run_fresh_python(code)
         assert f"loaded ['{BACKEND}']" in out
+
+
+def test_own_op_needs_no_library_and_names_a_bad_name():
+    """`native.own_op` looks the adapter module up, nothing more."""
+    assert native.own_op("numpy", "conv2d") is None  # no adapter at all
+    own = {name: native.own_op(keras.config.backend(), name) for name in native.OWN_OPS}
+    expected = {
+        "tensorflow": {"add_bias_residual"},
+        "torch": {"conv2d", "max_pool2d"},
+        "jax": {"conv2d"},
+    }[keras.config.backend()]
+    assert {name for name, op in own.items() if op is not None} == expected
+    with pytest.raises(ValueError, match="name='conv3d'"):
+        native.own_op(keras.config.backend(), "conv3d")

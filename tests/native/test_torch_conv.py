@@ -99,12 +99,16 @@ def test_equals_keras_conv(case, data_format, dtype):
 def test_large_pointwise_is_a_matrix_product_equal_to_keras_conv(
     strides, padding, dtype, monkeypatch
 ):
-    """From `_MATMUL_MIN` kernel elements a 1x1 conv on CPU runs as a matmul."""
+    """From `_MATMUL_MIN` kernel elements a 1x1 conv on CPU runs as a matmul
+    (where the matmul is fast: `_matmul_beats_conv`, forced here)."""
+    monkeypatch.setattr(_torch, "_matmul_beats_conv", lambda: True)
     side = int(_torch._MATMUL_MIN**0.5)
     x, k = _tensors((2, 5, 7, side), (1, 1), side, True, dtype)
     calls = []
-    pointwise = _torch._pointwise
-    monkeypatch.setattr(_torch, "_pointwise", lambda *args: calls.append(args) or pointwise(*args))
+    pointwise = _torch._padding.pointwise
+    monkeypatch.setattr(
+        _torch._padding, "pointwise", lambda *args: calls.append(args) or pointwise(*args)
+    )
     ours = _forward_backward(
         lambda x, k: _torch.conv2d(x, k, strides=strides, padding=padding), x, k
     )
@@ -117,6 +121,26 @@ def test_large_pointwise_is_a_matrix_product_equal_to_keras_conv(
     assert ours[0].is_contiguous()
     for actual, expected, what in zip(ours, theirs, ("output", "d input", "d kernel"), strict=True):
         _assert_close(actual, expected, TOLERANCE[dtype], what)
+
+
+@pytest.mark.parametrize(
+    "vendor, mkl, expected",
+    [("GenuineIntel", True, True), ("AuthenticAMD", True, False), ("GenuineIntel", False, False)],
+)
+def test_large_pointwise_is_a_matmul_only_on_mkl_on_intel(vendor, mkl, expected, monkeypatch):
+    monkeypatch.setattr(_torch._device, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    assert _torch._matmul_beats_conv.__wrapped__() is expected
+    calls = []
+    pointwise = _torch._padding.pointwise
+    monkeypatch.setattr(
+        _torch._padding, "pointwise", lambda *args: calls.append(args) or pointwise(*args)
+    )
+    monkeypatch.setattr(_torch, "_matmul_beats_conv", _torch._matmul_beats_conv.__wrapped__)
+    side = int(_torch._MATMUL_MIN**0.5)
+    x, k = _tensors((2, 3, 3, side), (1, 1), side, True, torch.float32)
+    _torch.conv2d(x, k)
+    assert len(calls) == int(expected)
 
 
 def test_grouped_like_keras():
