@@ -128,6 +128,15 @@ class Adapter(Protocol):
     runs `conv2d` (torch: on the channels_last view, which Keras' pooling
     copies to contiguous NCHW and back).
 
+    Adapters of eager frameworks may also memoize what inference derives
+    from variables (the epilogue's scale and shift)::
+
+        def memo(compute, *tensors, extra=()): ...
+
+    `compute(*tensors)`, computed once while every tensor (None allowed) is
+    unchanged, and per call where autograd records a tensor that requires
+    grad. torch has one (keyed on identity and version counter).
+
     The sum that follows a conv without BN::
 
         def add_bias_residual(x, bias, residual, *, channels_last): ...

@@ -641,13 +641,41 @@ def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[i
     return total // 2, total - total // 2
 
 
-# Inference reuses the kernel in the convolution's layout while the variable
-# is unchanged: keyed by the identity of the kernel tensor (checked through a
-# weak reference, so a new tensor at a reused id never matches) and torch's
-# version counter, which every in-place write (an optimizer step, `assign`)
-# bumps.
-_WEIGHT_CACHE: dict = {}
-_WEIGHT_CACHE_SIZE = 512
+# What inference derives from variables (the kernel in the convolution's
+# layout, the epilogue's scale and shift) is reused while they are unchanged:
+# keyed by the identity of each tensor (checked through a weak reference, so
+# a new tensor at a reused id never matches) and torch's version counter,
+# which every in-place write (an optimizer step, `assign`) bumps.
+_CACHE: dict = {}
+_CACHE_SIZE = 1024
+
+
+def memo(compute, *tensors, extra=()):
+    """`compute(*tensors)`, computed once while every tensor is unchanged.
+
+    Where autograd records a tensor that requires grad (training, or a
+    gradient through inference), it is computed per call, so that the
+    gradient flows back to the variables. `tensors` may hold None; `extra`
+    (hashable) joins the key.
+    """
+    import torch
+
+    live = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in live):
+        return compute(*tensors)
+    key = (tuple(id(t) for t in tensors), extra)
+    versions = tuple(t._version for t in live)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        refs, cached_versions, value = cached
+        if cached_versions == versions and all(r() is t for r, t in zip(refs, live, strict=True)):
+            return value
+    with torch.no_grad():
+        value = compute(*tensors)
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.clear()
+    _CACHE[key] = (tuple(weakref.ref(t) for t in live), versions, value)
+    return value
 
 
 def _conv_weight(kernel, memory_format):
@@ -656,24 +684,11 @@ def _conv_weight(kernel, memory_format):
     In the memory format of the input: oneDNN would otherwise make this copy
     itself. Where autograd records (training), it is made per call, so that
     the gradient flows back to the Keras variable; in inference the copy is
-    cached until the variable changes.
+    cached until the variable changes (`memo`).
     """
-    import torch
-
-    if torch.is_grad_enabled() and kernel.requires_grad:
-        return _to_conv_layout(kernel, memory_format)
-    key = (id(kernel), memory_format)
-    cached = _WEIGHT_CACHE.get(key)
-    if cached is not None:
-        ref, version, weight = cached
-        if ref() is kernel and version == kernel._version:
-            return weight
-    with torch.no_grad():
-        weight = _to_conv_layout(kernel, memory_format)
-    if len(_WEIGHT_CACHE) >= _WEIGHT_CACHE_SIZE:
-        _WEIGHT_CACHE.clear()
-    _WEIGHT_CACHE[key] = (weakref.ref(kernel), kernel._version, weight)
-    return weight
+    return memo(
+        lambda kernel: _to_conv_layout(kernel, memory_format), kernel, extra=(memory_format,)
+    )
 
 
 # From this many elements (4 MB of float32) the native transpose copies a

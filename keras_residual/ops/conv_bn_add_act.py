@@ -489,9 +489,18 @@ def _native(
         return outputs, mean, variance
     scale = None  # 1: no BN left (a folded model)
     if gamma is not None:
-        scale, shift = _scale_shift(
-            gamma, beta, moving_mean, moving_variance, bias, epsilon, param_dtype
-        )
+
+        def scale_shift(*variables):
+            return _scale_shift(*variables, epsilon, param_dtype)
+
+        variables = (gamma, beta, moving_mean, moving_variance, bias)
+        memo = getattr(adapter, "memo", None)
+        if memo is None:
+            scale, shift = scale_shift(*variables)
+        else:
+            # Eager torch: computed once while the variables are unchanged.
+            variables = [None if v is None else ops.convert_to_tensor(v) for v in variables]
+            scale, shift = memo(scale_shift, *variables, extra=(float(epsilon), param_dtype))
     elif bias is not None:
         shift = ops.cast(bias, param_dtype)
     else:

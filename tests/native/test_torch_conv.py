@@ -8,6 +8,8 @@ a ResNet18 whose native path (which runs this convolution) equals the
 composite one (which runs `keras.ops.conv`). Runs with KERAS_BACKEND=torch.
 """
 
+import importlib
+
 import keras
 import numpy as np
 import pytest
@@ -215,6 +217,45 @@ def test_inference_reuses_the_kernel_copy_until_the_variable_changes():
     # Training makes a fresh, differentiable copy per call.
     k = kernel.detach().clone().requires_grad_()
     assert _torch._conv_weight(k, torch.channels_last).requires_grad
+
+
+def test_inference_reuses_scale_and_shift_until_a_bn_variable_changes(monkeypatch):
+    """The epilogue's scale and shift (`_torch.memo`): once per change of the
+    BN variables in inference; per call, and differentiable, with grad."""
+    _native_adapter()
+    op_module = importlib.import_module("keras_residual.ops.conv_bn_add_act")
+    calls = []
+    original = op_module._scale_shift
+    monkeypatch.setattr(op_module, "_scale_shift", lambda *args: calls.append(1) or original(*args))
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(2, 5, 5, 3)), dtype=torch.float32)
+    k = torch.tensor(rng.normal(0, 0.3, size=(3, 3, 3, 4)), dtype=torch.float32)
+    bn = [
+        keras.Variable(v, dtype="float32")
+        for v in (
+            rng.uniform(0.5, 1.5, 4),
+            rng.normal(size=4),
+            rng.normal(size=4),
+            rng.uniform(0.5, 2, 4),
+        )
+    ]
+
+    def run(implementation="native"):
+        return conv_bn_add_act(x, k, *bn, implementation=implementation)
+
+    with torch.no_grad():
+        first = run()
+        run()
+        assert len(calls) == 1
+        bn[3].assign(np.full(4, 4.0, "float32"))  # moving_variance
+        changed = run()
+        assert len(calls) == 2
+        np.testing.assert_allclose(changed.numpy(), run("composite").numpy(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, changed)
+    # With grad: per call, and the gradient reaches gamma.
+    y = run()
+    y.sum().backward()
+    assert len(calls) == 3 and bn[0].value.grad is not None
 
 
 @pytest.fixture(scope="module")
