@@ -310,6 +310,9 @@ def test_training_kernel_copy_and_its_gradient_are_exact(loaded, shape, native, 
     (ours * upstream).sum().backward()
     assert kernel.grad.is_contiguous()
     assert torch.equal(kernel.grad, upstream.permute(2, 3, 1, 0))
+    # The transpose's gradient is contiguous itself: autograd's accumulation
+    # then copies nothing (its strided copy of a 1x1 kernel's was slow).
+    assert _torch._transpose_backward(None, torch.randn(6, 5)).is_contiguous()
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
