@@ -3,7 +3,7 @@
 Each row is one mode of one ``python -m keras_residual bench`` run in
 ``benchmarks/results/``: the ratio of each implementation to
 keras.applications and, on torch, in brackets, to plain PyTorch
-(torchvision). Edit `RUNS` when a newer file replaces an older one, then
+(torchvision), with the CPU it ran on. Edit `RUNS` when a newer file replaces an older one, then
 paste the output into README.md's Performance section:
 
     python benchmarks/readme_table.py
@@ -15,12 +15,16 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# (backend, model, mode, folder): the newest file for each row.
+# (backend, model, mode, folder): the newest file for each row and CPU.
 RUNS = [
     ("torch", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-torch-resnet50-v1.5-openmp"),
     ("torch", "ResNet50", "inference", "cpu-2core-xeon-2026-12-02-torch-resnet50-v1.5-openmp"),
+    ("torch", "ResNet50", "train", "cpu-2core-epyc-2026-12-02-torch-resnet50-v1.5"),
+    ("torch", "ResNet50", "inference", "cpu-2core-epyc-2026-12-02-torch-resnet50-v1.5"),
     ("torch", "ResNet18", "train", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5-openmp"),
     ("torch", "ResNet18", "inference", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5-openmp"),
+    ("torch", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-torch-resnet18-v1.5"),
+    ("torch", "ResNet18", "inference", "cpu-2core-epyc-2026-12-02-torch-resnet18-v1.5"),
     ("TensorFlow", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-tensorflow-resnet50"),
     (
         "TensorFlow",
@@ -35,10 +39,15 @@ RUNS = [
         "inference",
         "cpu-2core-xeon-2026-12-02-tensorflow-resnet18-inference",
     ),
-    ("JAX", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-jax-resnet50-ffi"),
-    ("JAX", "ResNet50", "inference", "cpu-2core-xeon-2026-12-02-jax-resnet50-ffi"),
-    ("JAX", "ResNet18", "train", "cpu-2core-xeon-2026-12-02-jax-resnet18-ffi"),
-    ("JAX", "ResNet18", "inference", "cpu-2core-xeon-2026-12-02-jax-resnet18-ffi-inference"),
+    ("JAX", "ResNet50", "train", "cpu-2core-epyc-2026-12-02-jax-resnet50-pointwise"),
+    (
+        "JAX",
+        "ResNet50",
+        "inference",
+        "cpu-2core-epyc-2026-12-02-jax-resnet50-pointwise-inference",
+    ),
+    ("JAX", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-jax-resnet18-pointwise"),
+    ("JAX", "ResNet18", "inference", "cpu-2core-epyc-2026-12-02-jax-resnet18-pointwise"),
 ]
 COLUMNS = ["composite", "native", "auto", "folded", "limit", "torchvision"]
 
@@ -54,16 +63,17 @@ def cell(record: dict | None, column: str) -> str:
 
 def table() -> str:
     lines = [
-        "| backend | model | mode | " + " | ".join(COLUMNS) + " | file |",
-        "|---|---|---|" + "---:|" * len(COLUMNS) + "---|",
+        "| backend | model | mode | " + " | ".join(COLUMNS) + " | CPU | file |",
+        "|---|---|---|" + "---:|" * len(COLUMNS) + "---|---|",
     ]
     for backend, model, mode, folder in RUNS:
-        records = json.loads((RESULTS / folder / "results.json").read_text())["records"]
-        by_row = {r["implementation"]: r for r in records if r["mode"] == mode}
+        run = json.loads((RESULTS / folder / "results.json").read_text())
+        by_row = {r["implementation"]: r for r in run["records"] if r["mode"] == mode}
         cells = " | ".join(cell(by_row.get(column), column) for column in COLUMNS)
-        name = folder.replace("cpu-2core-xeon-", "")
+        name = folder.split("-", 2)[2]  # without "cpu-2core-"
         lines.append(
-            f"| {backend} | {model} | {mode} | {cells} | [{name}](benchmarks/results/{folder}/) |"
+            f"| {backend} | {model} | {mode} | {cells} | {run['host']['cpu']} "
+            f"| [{name}](benchmarks/results/{folder}/) |"
         )
     return "\n".join(lines)
 
