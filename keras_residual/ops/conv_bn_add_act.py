@@ -146,10 +146,12 @@ def conv_bn_add_act(
     if not isinstance(inputs, keras.KerasTensor):
         inputs = ops.convert_to_tensor(inputs)
     requested = _requested(implementation)
-    conv = _own_op("conv2d", requested, inputs)
+    backend = keras.config.backend()
+    holds = _graph_holds(requested, inputs)
+    conv = native_lib.own_op(backend, "conv2d") if holds else None
     if not training and requested == "auto":
         # The written policy of "auto" at inference: `native.AUTO_INFERENCE`.
-        policy = native_lib.auto_inference(keras.config.backend())
+        policy = native_lib.auto_inference(backend)
         if policy != "native":
             requested = "composite"
             if has_bn and policy == "folded":
@@ -158,7 +160,11 @@ def conv_bn_add_act(
                 )
                 gamma = beta = moving_mean = moving_variance = None
     adapter = _native_adapter(
-        requested, inputs, activation_name, synchronized and bool(training), data_format
+        requested if holds else "composite",
+        inputs,
+        activation_name,
+        synchronized and bool(training),
+        data_format,
     )
     if conv is None:
         if padding == "symmetric":
@@ -313,18 +319,14 @@ def _requested(implementation):
 def _native_adapter(requested, x, activation_name, synchronized, data_format):
     """The adapter to run this call natively, or None for composite.
 
-    `requested` is `_requested(implementation)`. Backend knowledge stays in
-    the adapters (`keras_residual.native`): this asks them whether the graph
-    can hold their ops, whether they load, and whether they run on `x`'s
-    device.
+    `requested` is `_requested(implementation)`, or "composite" where the
+    graph cannot hold the adapter's ops (`_graph_holds`). Backend knowledge
+    stays in the adapters (`keras_residual.native`): this asks them whether
+    they load and whether they run on `x`'s device.
     """
     if requested == "composite":
         return None
     backend = keras.config.backend()
-    if native_lib.graph_reason(backend, x) is not None:
-        # Symbolic shape inference, XLA and SavedModel export: these graphs
-        # cannot hold (or need not run) a custom op, whatever was asked for.
-        return None
     reason = _unsupported_reason(backend, activation_name, synchronized)
     if reason is None:
         try:
@@ -342,19 +344,18 @@ def _native_adapter(requested, x, activation_name, synchronized, data_format):
     return None
 
 
-def _own_op(name, requested, x):
-    """The backend's own `name` for this call (`native.own_op`), or None.
+def _graph_holds(requested, x) -> bool:
+    """Whether this call may run the adapter's ops: its own framework ops
+    (`native.own_op`, which need no built library) and its native kernels.
 
-    Never for "composite", which is `keras.ops` as Keras' layers compute it,
-    nor where the graph being traced cannot hold the adapter's ops. These
-    need no built library: they run whether or not the native kernels load.
+    Never for "composite", which is `keras.ops` as Keras' layers compute it;
+    nor, whatever was asked for, where the graph being traced cannot hold
+    (or need not run) them: symbolic shape inference, XLA, SavedModel export
+    (`native.graph_reason`, asked once per call).
     """
     if requested == "composite":
-        return None
-    backend = keras.config.backend()
-    if native_lib.graph_reason(backend, x) is not None:
-        return None
-    return native_lib.own_op(backend, name)
+        return False
+    return native_lib.graph_reason(keras.config.backend(), x) is None
 
 
 def _unsupported_reason(backend, activation_name, synchronized):
@@ -558,7 +559,8 @@ def max_pool(inputs, pool_size, strides, *, padding=0, data_format=None, impleme
     data_format = check_data_format(data_format)
     if not isinstance(inputs, keras.KerasTensor):
         inputs = ops.convert_to_tensor(inputs)
-    pool = _own_op("max_pool2d", _requested(implementation), inputs)
+    own = _graph_holds(_requested(implementation), inputs)
+    pool = native_lib.own_op(keras.config.backend(), "max_pool2d") if own else None
     if pool is not None:
         return pool(
             inputs,

@@ -379,3 +379,22 @@ def test_own_op_needs_no_library_and_names_a_bad_name():
     assert {name for name, op in own.items() if op is not None} == expected
     with pytest.raises(ValueError, match="name='conv3d'"):
         native.own_op(keras.config.backend(), "conv3d")
+
+
+@pytest.mark.parametrize("implementation", ["auto", "native", "composite"])
+def test_the_graph_is_asked_once_per_call(implementation, monkeypatch):
+    """One `graph_reason` per call decides both the own conv and the kernels
+    (none for "composite", which runs `keras.ops` only)."""
+    calls = []
+    original = native.graph_reason
+    monkeypatch.setattr(native, "graph_reason", lambda *a: calls.append(a) or original(*a))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+    k = rng.normal(0, 0.3, (3, 3, 3, 4)).astype("float32")
+    ones, zeros = np.ones(4, "float32"), np.zeros(4, "float32")
+    for training in (False, True):
+        calls.clear()
+        conv_bn_add_act(
+            x, k, ones, zeros, zeros, ones, training=training, implementation=implementation
+        )
+        assert len(calls) == (0 if implementation == "composite" else 1)
