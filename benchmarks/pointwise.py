@@ -1,20 +1,25 @@
-"""A 1x1 convolution against one matrix product, on JAX and torch (CPU).
+"""A 1x1 convolution against what the adapters may run instead (CPU).
 
 For each 1x1 convolution shape of ResNet50 (batch 16, 128x128, NHWC,
-float32), times interleaved, median of `--repeats`:
+float32), times interleaved, median of `--repeats`, the backend's
+convolution and each alternative:
 
-- forward: the backend's convolution and `_padding.pointwise`, the one
-  matrix product that the adapters' `conv2d` may run instead;
+- forward;
 - forward and backward: the gradients of `sum(y * w)` with respect to the
-  input and the kernel, for both.
+  input and the kernel.
 
 The convolution is XLA's (`keras.ops.conv` under `jax.jit`) on JAX, and on
-torch `F.conv2d` on the channels_last view with the kernel copied into
-channels_last per call, as `_torch.conv2d` runs it in training. It checks once
-per shape that both compute the same output and gradients (to 1e-4
-relative), then prints a table of milliseconds and ratios (above 1: the
-matrix product is faster) and, with `--out DIR`, writes it to
-`DIR/pointwise.txt` and `DIR/pointwise.json`:
+torch `F.conv2d` on the channels_last view with the kernel in channels_last
+(`_torch._conv_weight`) as `_torch.conv2d` runs it: copied per call in
+training (the native transpose where the library loads), once at inference
+(the forward here, under `torch.no_grad`). The
+alternatives: `matmul`, one matrix product (`_padding.pointwise`), on both;
+on torch also `conv_transpose`, `F.conv_transpose2d` with the Keras kernel
+permuted and not copied. It checks once per shape that all compute the same
+output and gradients (to 1e-4 relative), then prints a table of
+milliseconds and ratios (above 1: the alternative is faster than the
+convolution) and, with `--out DIR`, writes it to `DIR/pointwise.txt` and
+`DIR/pointwise.json`:
 
     KERAS_BACKEND=jax python benchmarks/pointwise.py --out DIR
     KERAS_BACKEND=torch python benchmarks/pointwise.py --out DIR
@@ -58,26 +63,30 @@ def _jax_functions():
     def backward(f):
         return jax.jit(jax.grad(lambda x, k, w: (f(x, k) * w).sum(), argnums=(0, 1)))
 
-    return {
-        "conv": jax.jit(conv),
-        "matmul": jax.jit(pointwise),
-        "conv fwd+bwd": backward(conv),
-        "matmul fwd+bwd": backward(pointwise),
-    }
+    return {name: (jax.jit(f), backward(f)) for name, f in (("conv", conv), ("matmul", pointwise))}
 
 
 def _torch_functions():
     import torch
     import torch.nn.functional as F
 
-    from keras_residual import _padding
+    from keras_residual import _padding, native
+    from keras_residual.native import _torch
+
+    try:
+        native.adapter("torch")  # the native kernel transpose, where it loads
+    except native.NativeUnavailable as error:
+        print(f"native library unavailable ({error}): torch's kernel copy", file=sys.stderr)
 
     def conv(x, k):
-        weight = k.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+        weight = _torch._conv_weight(k, torch.channels_last)
         return F.conv2d(x.permute(0, 3, 1, 2), weight).permute(0, 2, 3, 1)
 
     def pointwise(x, k):
         return _padding.pointwise(x, k, (1, 1))
+
+    def transposed(x, k):
+        return F.conv_transpose2d(x.permute(0, 3, 1, 2), k.permute(2, 3, 0, 1)).permute(0, 2, 3, 1)
 
     def forward(f):
         def run(x, k):
@@ -93,15 +102,12 @@ def _torch_functions():
 
         return run
 
-    return {
-        "conv": forward(conv),
-        "matmul": forward(pointwise),
-        "conv fwd+bwd": backward(conv),
-        "matmul fwd+bwd": backward(pointwise),
-    }
+    candidates = (("conv", conv), ("matmul", pointwise), ("conv_transpose", transposed))
+    return {name: (forward(f), backward(f)) for name, f in candidates}
 
 
 def _functions():
+    """`{name: (forward, forward_and_backward)}`, the convolution first."""
     import keras
 
     backend = keras.config.backend()
@@ -130,19 +136,20 @@ def _check(functions, x, k, w):
         a, b = keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
         error = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
         if error > 1e-4:
-            raise AssertionError(f"{what}: relative error {error:.2e} between conv and matmul")
+            raise AssertionError(f"{what}: relative error {error:.2e} against the convolution")
 
-    close(functions["matmul"](x, k), functions["conv"](x, k), "output")
-    for mine, theirs, what in zip(
-        functions["matmul fwd+bwd"](x, k, w),
-        functions["conv fwd+bwd"](x, k, w),
-        ("d input", "d kernel"),
-        strict=True,
-    ):
-        close(mine, theirs, what)
+    conv, conv_grads = functions["conv"]
+    for name, (forward, backward) in functions.items():
+        close(forward(x, k), conv(x, k), f"{name} output")
+        for mine, theirs, what in zip(
+            backward(x, k, w), conv_grads(x, k, w), ("d input", "d kernel"), strict=True
+        ):
+            close(mine, theirs, f"{name} {what}")
 
 
 def measure(shape, repeats: int) -> dict:
+    """Median milliseconds per function on `shape` `(n, h, w, in, out)`, and
+    each alternative's speed-up over the convolution (`ratios`)."""
     import keras
     import numpy as np
 
@@ -153,21 +160,26 @@ def measure(shape, repeats: int) -> dict:
     w = keras.ops.convert_to_tensor(rng.normal(size=(n, h, w_, cout)).astype("float32"))
     functions = _functions()
     _check(functions, x, k, w)  # also compiles each function: untimed
-    arguments = {"conv": (x, k), "matmul": (x, k)}
-    times = {name: [] for name in functions}
+    calls = {}
+    for name, (forward, backward) in functions.items():
+        calls[name] = (forward, (x, k))
+        calls[f"{name} fwd+bwd"] = (backward, (x, k, w))
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        for name, f in functions.items():
-            args = arguments.get(name, (x, k, w))
+        for name, (f, args) in calls.items():
             start = time.perf_counter()
             _ready(f(*args))
             times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-    return {
-        "shape": list(shape),
-        "ms": medians,
-        "forward_ratio": medians["conv"] / medians["matmul"],
-        "fwd_bwd_ratio": medians["conv fwd+bwd"] / medians["matmul fwd+bwd"],
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    ratios = {
+        name: {
+            "forward": ms["conv"] / ms[name],
+            "fwd_bwd": ms["conv fwd+bwd"] / ms[f"{name} fwd+bwd"],
+        }
+        for name in functions
+        if name != "conv"
     }
+    return {"shape": list(shape), "ms": ms, "ratios": ratios}
 
 
 def main(argv=None) -> int:
@@ -184,20 +196,29 @@ def main(argv=None) -> int:
     backend = keras.config.backend()
     version = _env.versions(backend).get(backend)
     records = [measure(shape, args.repeats) for shape in SHAPES]
+    alternatives = list(records[0]["ratios"])
+    header = ["n, h, w, in, out", "conv ms", "conv fwd+bwd ms"]
+    for name in alternatives:
+        header += [f"{name} ms", f"{name} fwd+bwd ms", f"{name} forward x", f"{name} fwd+bwd x"]
     lines = [
-        f"# {backend} conv vs matmul for 1x1 kernels: {_env.host()['cpu']}, {backend} {version}",
+        f"# {backend}: a 1x1 conv against {', '.join(alternatives)}: "
+        f"{_env.host()['cpu']}, {backend} {version}",
         "",
-        "| n, h, w, in, out | conv ms | matmul ms | forward x | conv fwd+bwd ms "
-        "| matmul fwd+bwd ms | fwd+bwd x |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
     ]
     for r in records:
         ms = r["ms"]
-        lines.append(
-            f"| {', '.join(map(str, r['shape']))} | {ms['conv']:.2f} | {ms['matmul']:.2f} "
-            f"| {r['forward_ratio']:.2f} | {ms['conv fwd+bwd']:.2f} | {ms['matmul fwd+bwd']:.2f} "
-            f"| {r['fwd_bwd_ratio']:.2f} |"
-        )
+        cells = [", ".join(map(str, r["shape"])), f"{ms['conv']:.2f}", f"{ms['conv fwd+bwd']:.2f}"]
+        for name in alternatives:
+            ratio = r["ratios"][name]
+            cells += [
+                f"{ms[name]:.2f}",
+                f"{ms[name + ' fwd+bwd']:.2f}",
+                f"{ratio['forward']:.2f}",
+                f"{ratio['fwd_bwd']:.2f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     if args.out is not None:

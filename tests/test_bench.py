@@ -508,7 +508,7 @@ def test_op_targets_per_shape_records_both_directions_against_plain_torch():
     keras.config.backend() not in ("jax", "torch"),
     reason="the adapters with a 1x1 matmul: JAX, torch",
 )
-def test_pointwise_checks_and_times_both_functions():
+def test_pointwise_checks_and_times_every_function():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "pointwise.py"
     spec = importlib.util.spec_from_file_location("pointwise", path)
     pointwise = importlib.util.module_from_spec(spec)
@@ -516,6 +516,14 @@ def test_pointwise_checks_and_times_both_functions():
     # A small shape: the record and the equality check, not speed.
     record = pointwise.measure((2, 4, 4, 8, 16), repeats=1)
     assert record["shape"] == [2, 4, 4, 8, 16]
-    assert set(record["ms"]) == {"conv", "matmul", "conv fwd+bwd", "matmul fwd+bwd"}
+    alternatives = {"matmul", "conv_transpose"} if keras.config.backend() == "torch" else {"matmul"}
+    assert set(record["ratios"]) == alternatives
+    names = {"conv", *alternatives}
+    assert set(record["ms"]) == names | {f"{name} fwd+bwd" for name in names}
     assert all(ms > 0 for ms in record["ms"].values())
-    assert record["forward_ratio"] == record["ms"]["conv"] / record["ms"]["matmul"]
+    for name in alternatives:
+        ms = record["ms"]
+        assert record["ratios"][name] == {
+            "forward": ms["conv"] / ms[name],
+            "fwd_bwd": ms["conv fwd+bwd"] / ms[f"{name} fwd+bwd"],
+        }

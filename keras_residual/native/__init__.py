@@ -114,8 +114,9 @@ class Adapter(Protocol):
     to `inputs` and `kernel`. `conv_bn_add_act` runs its convolution with it
     instead of `keras.ops.conv` unless "composite" is asked for or the graph
     cannot hold the adapter's ops (`graph_reason`). torch has one (its
-    convolution without Keras' NHWC <-> NCHW copies, large 1x1 kernels as
-    matrix products); JAX has one (every 1x1 kernel on the CPU as a matrix
+    convolution without Keras' NHWC <-> NCHW copies; large 1x1 kernels as
+    matrix products, or in training as transposed convolutions, which take
+    the Keras kernel uncopied); JAX has one (every 1x1 kernel on the CPU as a matrix
     product); TensorFlow has none.
 
     Its own max pooling, for the stem::

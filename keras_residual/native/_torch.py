@@ -734,6 +734,15 @@ def _to_conv_layout(kernel, memory_format):
 _MATMUL_MIN = 1 << 18
 
 
+# From this many kernel elements a stride-1 1x1 convolution in training runs
+# as a transposed convolution (`_pointwise_as_transpose`). Forward and
+# backward of ResNet50's 1x1 shapes on a 2-core AMD EPYC (batch 16,
+# 128x128, channels_last), against the kernel copy and `F.conv2d`: 1.06-1.66x
+# from 2^18 elements (1024 <-> 256 channels and up; 1.01-1.56x in two more
+# runs), 0.82-1.11x below (`benchmarks/pointwise.py`).
+_TRANSPOSED_MIN = 1 << 18
+
+
 @functools.cache
 def _matmul_beats_conv() -> bool:
     """Whether torch's CPU matrix product beats its convolution on large 1x1 kernels.
@@ -751,6 +760,28 @@ def _matmul_beats_conv() -> bool:
     return torch.backends.mkl.is_available() and _device.cpu_vendor() == "GenuineIntel"
 
 
+def _pointwise_as_transpose(x, kernel, strides) -> bool:
+    """Whether `conv2d` runs this NCHW-shaped call as `F.conv_transpose2d`.
+
+    In training, a 1x1, stride-1, ungrouped convolution on the CPU of a
+    large kernel (`_TRANSPOSED_MIN`): the kernel then needs no copy into
+    torch's layout, and its gradient none back (`_conv_weight` copies both
+    per step). At inference the copy is made once (`memo`), and the
+    convolution stays. CUDA keeps the convolution: not measured there.
+    """
+    import torch
+
+    return (
+        x.device.type == "cpu"
+        and tuple(kernel.shape[:2]) == (1, 1)
+        and strides == (1, 1)
+        and kernel.shape[2] == x.shape[1]
+        and kernel.numel() >= _TRANSPOSED_MIN
+        and torch.is_grad_enabled()
+        and kernel.requires_grad
+    )
+
+
 def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, channels_last=True):
     """`keras.ops.conv` of a 4D input, without its layout copies.
 
@@ -764,9 +795,11 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
     The kernel is copied into the layout the convolution wants (torch would
     make the same copy): once per call in training, where its gradient flows
     back to the Keras variable through that copy, and once per change of
-    the variable in inference (`_conv_weight`). A large 1x1 kernel
-    (`_MATMUL_MIN`) on an Intel CPU needs no copy at all: its convolution
-    of an NHWC input is one matrix product (`_padding.pointwise`).
+    the variable in inference (`_conv_weight`). A 1x1 kernel on the CPU
+    needs no copy where it runs as one matrix product of an NHWC input (a
+    large one, `_MATMUL_MIN`, on an Intel CPU: `_padding.pointwise`), or in
+    training as a transposed convolution, whose weight layout is the Keras
+    kernel's (a large one of stride 1: `_pointwise_as_transpose`).
 
     Args:
         inputs: 4D tensor, NHWC when `channels_last`, else NCHW.
@@ -799,6 +832,12 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
     ):
         return _padding.pointwise(inputs, kernel, strides)
     x = inputs.permute(0, 3, 1, 2) if channels_last else inputs
+    if _pointwise_as_transpose(x, kernel, strides):
+        # conv_transpose2d's weight is `(in, out, kh, kw)`: the Keras 1x1
+        # kernel `(1, 1, in, out)` permuted, with no copy, in either memory
+        # format; and a stride-1 1x1 transposed convolution is the convolution.
+        y = F.conv_transpose2d(x, kernel.permute(2, 3, 0, 1))
+        return y.permute(0, 2, 3, 1) if channels_last else y
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     weight = _conv_weight(kernel, memory_format)
     groups = x.shape[1] // weight.shape[1]

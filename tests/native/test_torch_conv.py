@@ -145,6 +145,59 @@ def test_large_pointwise_is_a_matmul_only_on_mkl_on_intel(vendor, mkl, expected,
     assert len(calls) == int(expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("padding", ["same", "valid", "symmetric"])
+def test_large_pointwise_in_training_is_a_transposed_conv_equal_to_keras_conv(
+    padding, data_format, dtype, monkeypatch
+):
+    """From `_TRANSPOSED_MIN` kernel elements (lowered here) a stride-1 1x1
+    conv whose kernel gradient is recorded runs as `F.conv_transpose2d` on
+    the Keras kernel as it is: no copy of it, and its gradient comes back in
+    its own layout."""
+    monkeypatch.setattr(_torch, "_matmul_beats_conv", lambda: False)
+    monkeypatch.setattr(_torch, "_TRANSPOSED_MIN", 8 * 12)
+    calls = []
+    transposed = torch.nn.functional.conv_transpose2d
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "conv_transpose2d",
+        lambda *args, **kwargs: calls.append(args) or transposed(*args, **kwargs),
+    )
+    channels_last = data_format == "channels_last"
+    x, k = _tensors((2, 5, 7, 8), (1, 1), 12, channels_last, dtype)
+    conv = _torch.conv2d
+    outputs = []
+    ours = _forward_backward(
+        lambda x, k: (
+            outputs.append(conv(x, k, padding=padding, channels_last=channels_last)) or outputs[0]
+        ),
+        x,
+        k,
+    )
+    assert len(calls) == 1
+    assert outputs[0].is_contiguous()  # NHWC or NCHW, as the input
+    assert calls[0][1].data_ptr() == k.data_ptr()  # the kernel itself, not a copy
+    assert k.grad.is_contiguous()
+    keras_padding = "valid" if padding == "symmetric" else padding  # 1x1: no padding at all
+    theirs = _forward_backward(
+        lambda x, k: keras.ops.conv(x, k, padding=keras_padding, data_format=data_format), x, k
+    )
+    assert ours[0].shape == theirs[0].shape
+    for actual, expected, what in zip(ours, theirs, ("output", "d input", "d kernel"), strict=True):
+        _assert_close(actual, expected, TOLERANCE[dtype], what)
+    # Not at inference (the kernel copy is cached there), nor below the
+    # threshold, nor with a stride or groups.
+    with torch.no_grad():
+        conv(x, k, channels_last=channels_last)
+    small = k.detach()[:, :, :, :11].clone().requires_grad_()
+    conv(x, small, channels_last=channels_last)
+    conv(x, k, strides=2, channels_last=channels_last)
+    grouped = torch.cat([k.detach()[:, :, :4, :]] * 2, dim=-1).requires_grad_()
+    conv(x, grouped, channels_last=channels_last)
+    assert len(calls) == 1
+
+
 def test_grouped_like_keras():
     x, k = _tensors((2, 6, 6, 8), (3, 3), 6, True, torch.float32)
     k = k.detach()[:, :, :4, :].clone().requires_grad_()  # 2 groups of 4 channels
