@@ -41,6 +41,20 @@ RUNS = [
         "inference",
         "cpu-2core-xeon-2026-12-02-tensorflow-resnet18-inference",
     ),
+    ("TensorFlow", "ResNet50", "train", "cpu-2core-epyc-2026-12-02-tensorflow-resnet50-fusedbn"),
+    (
+        "TensorFlow",
+        "ResNet50",
+        "inference",
+        "cpu-2core-epyc-2026-12-02-tensorflow-resnet50-fusedbn",
+    ),
+    ("TensorFlow", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-tensorflow-resnet18-fusedbn"),
+    (
+        "TensorFlow",
+        "ResNet18",
+        "inference",
+        "cpu-2core-epyc-2026-12-02-tensorflow-resnet18-fusedbn",
+    ),
     ("JAX", "ResNet50", "train", "cpu-2core-epyc-2026-12-02-jax-resnet50-pointwise"),
     (
         "JAX",

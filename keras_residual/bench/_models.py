@@ -331,7 +331,7 @@ def _auto_note() -> str:
     training = "native kernels" if reason is None else f"composite ({reason})"
     inference = native.auto_inference(keras.config.backend())
     if inference == "folded":
-        inference = "BN folded into the conv on the fly, then keras.ops"
+        inference = "BN folded into the conv (by the graph compiler, or on the fly)"
     elif inference == "native" and reason is None:
         inference = "native epilogue"
     else:

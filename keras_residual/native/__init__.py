@@ -74,10 +74,12 @@ ADAPTERS = {
 # backend, chosen from side-by-side benchmarks (README.md, "How auto
 # chooses"):
 # - "native": the adapter's fused epilogue where it loads, as in training;
-# - "folded": each BatchNormalization folded into its conv kernel and bias on
-#   the fly, then conv + bias + residual + activation in ops that the
-#   framework's graph compiler fuses into the convolution (`add_bias_residual`:
-#   grappler's oneDNN `_FusedConv2D` on TensorFlow);
+# - "folded": each BatchNormalization folded into its convolution, in ops
+#   that the framework's graph compiler fuses into it (grappler's oneDNN
+#   `_FusedConv2D` on TensorFlow): by that compiler where no residual follows
+#   and the backend has an op for it (`batch_norm_inference`), else into the
+#   kernel and bias on the fly, then conv + bias + residual + activation
+#   (`add_bias_residual`);
 # - "composite": `keras.ops` as Keras' own layers compute it.
 AUTO_INFERENCE = {
     "tensorflow": "folded",
@@ -85,7 +87,7 @@ AUTO_INFERENCE = {
     "jax": "composite",
 }
 # The framework ops an adapter module may have its own version of (`own_op`).
-OWN_OPS = ("conv2d", "max_pool2d", "add_bias_residual")
+OWN_OPS = ("conv2d", "max_pool2d", "add_bias_residual", "batch_norm_inference")
 NO_ADAPTER = {
     "numpy": "the numpy backend has no gradients or native adapter",
     "openvino": "no native adapter for OpenVINO",
@@ -96,7 +98,7 @@ class Adapter(Protocol):
     """What every adapter module (``_tensorflow``, ``_torch``, ``_jax``) provides.
 
     An adapter module may also offer, optionally (not members here, so that
-    adapters without them still match), its own versions of three framework
+    adapters without them still match), its own versions of four framework
     ops (`OWN_OPS`). They are plain framework code that needs no built
     library; `own_op(backend, name)` finds them.
 
@@ -147,6 +149,19 @@ class Adapter(Protocol):
     uses it wherever there is no BN to run (folded models, and inference
     where `AUTO_INFERENCE` says "folded"). TensorFlow has one (BiasAdd and
     AddN); torch has none.
+
+    The inference BatchNormalization that the graph compiler folds into the
+    convolution before it::
+
+        def batch_norm_inference(x, gamma, beta, mean, variance, *, epsilon,
+                                 channels_last): ...
+
+    `(x - mean) / sqrt(variance + epsilon) * gamma + beta` per channel, in
+    `x`'s dtype. Where `AUTO_INFERENCE` says "folded", a unit without a
+    residual runs it after its convolution instead of folding the BN into
+    the kernel per call. TensorFlow has one (`FusedBatchNormV3`, which
+    grappler's oneDNN remapper fuses, with a following Relu, into the conv);
+    the others have none.
     """
 
     def build(self, force: bool = False, cuda: bool | None = None) -> Path:
@@ -258,7 +273,8 @@ def own_op(backend: str, name: str):
     """`backend`'s own version of the framework op `name`, or None.
 
     `name` is one of `OWN_OPS`: the adapter module's optional `conv2d`,
-    `max_pool2d` or `add_bias_residual` (see `Adapter`). Needs no built
+    `max_pool2d`, `add_bias_residual` or `batch_norm_inference` (see
+    `Adapter`). Needs no built
     library: nothing is compiled or loaded.
 
     Raises:

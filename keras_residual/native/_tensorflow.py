@@ -365,6 +365,39 @@ def add_bias_residual(x, bias, residual, *, channels_last: bool):
     return x
 
 
+def batch_norm_inference(x, gamma, beta, mean, variance, *, epsilon: float, channels_last: bool):
+    """Inference BatchNormalization in the op that grappler fuses into the conv before.
+
+    `FusedBatchNormV3` with `is_training=False`: with oneDNN (TensorFlow's
+    default on x86-64), Conv2D, this op and a following Relu become one
+    `_MklNativeFusedConv2D`, which applies the per-channel scale and shift
+    to the conv output in place; the kernel is not rewritten. The statistics
+    and parameters are float32 (as Keras' BatchNormalization computes them);
+    `x` float16, bfloat16 or float32 (float64, which the op does not take,
+    runs as `tf.nn.batch_normalization`). The result is `x`'s dtype.
+    """
+    import tensorflow as tf
+
+    if x.dtype == tf.float64:
+        shape = [-1] if channels_last else [-1, 1, 1]
+        gamma, beta, mean, variance = (
+            tf.reshape(tf.cast(v, tf.float64), shape) for v in (gamma, beta, mean, variance)
+        )
+        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, epsilon)
+    params = [tf.cast(v, tf.float32) for v in (gamma, beta, mean, variance)]
+    y, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x,
+        scale=params[0],
+        offset=params[1],
+        mean=params[2],
+        variance=params[3],
+        epsilon=float(epsilon),
+        data_format="NHWC" if channels_last else "NCHW",
+        is_training=False,
+    )
+    return y
+
+
 def bn_add_act_train(
     x,
     gamma,

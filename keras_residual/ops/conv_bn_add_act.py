@@ -89,8 +89,9 @@ def conv_bn_add_act(
             the adapter fails to build). At inference (`training=False`)
             `"auto"` follows `keras_residual.native.AUTO_INFERENCE`, chosen
             from benchmarks: native on torch; on TensorFlow the BN folded
-            into the kernel and bias on the fly, in ops that grappler fuses
-            into the convolution; composite on JAX. `"native"` raises `NativeUnavailable`
+            into the convolution in ops that grappler fuses into it (an
+            inference BN op without a residual, else the BN folded into the
+            kernel and bias on the fly); composite on JAX. `"native"` raises `NativeUnavailable`
             with the reason if it cannot run. Graphs that cannot hold a
             custom op use the composite path whatever was asked: XLA
             (`jit_compile=True`; Keras turns XLA off on CPU-only TensorFlow),
@@ -149,16 +150,22 @@ def conv_bn_add_act(
     backend = keras.config.backend()
     holds = _graph_holds(requested, inputs)
     conv = native_lib.own_op(backend, "conv2d") if holds else None
+    fused_bn = None
     if not training and requested == "auto":
         # The written policy of "auto" at inference: `native.AUTO_INFERENCE`.
         policy = native_lib.auto_inference(backend)
         if policy != "native":
             requested = "composite"
             if has_bn and policy == "folded":
-                kernel, bias = _fold(
-                    kernel, bias, gamma, beta, moving_mean, moving_variance, epsilon
-                )
-                gamma = beta = moving_mean = moving_variance = None
+                # Without a residual the graph compiler folds the BN itself
+                # where the backend has the op for it; else it is folded here.
+                if holds and residual is None:
+                    fused_bn = native_lib.own_op(backend, "batch_norm_inference")
+                if fused_bn is None:
+                    kernel, bias = _fold(
+                        kernel, bias, gamma, beta, moving_mean, moving_variance, epsilon
+                    )
+                    gamma = beta = moving_mean = moving_variance = None
     adapter = _native_adapter(
         requested if holds else "composite",
         inputs,
@@ -190,6 +197,21 @@ def conv_bn_add_act(
         _validate_residual(residual, x)
         residual = ops.cast(residual, x.dtype)
 
+    if fused_bn is not None:
+        if bias is not None:
+            # BN(x + bias) is BN(x) with the mean less the bias.
+            dtype = keras.backend.result_type(x.dtype, "float32")
+            moving_mean = ops.cast(moving_mean, dtype) - ops.cast(bias, dtype)
+        x = fused_bn(
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            epsilon=float(epsilon),
+            channels_last=data_format == "channels_last",
+        )
+        return _apply_activation(x, activation_name, activation, negative_slope)
     if adapter is None:
         return _composite(
             x,

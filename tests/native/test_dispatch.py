@@ -277,37 +277,81 @@ def test_auto_uses_composite_under_xla_and_native_outside():
     or os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0",
     reason="the remapper fuses Conv2D + BiasAdd + AddN + Relu with oneDNN, on by default on x86-64",
 )
-def test_auto_inference_on_tensorflow_becomes_one_fused_conv():
+@pytest.mark.parametrize(
+    "with_residual, fused_ops",
+    [(True, [b"BiasAdd", b"Add", b"Relu"]), (False, [b"FusedBatchNorm", b"Relu"])],
+    ids=["residual", "no-residual"],
+)
+def test_auto_inference_on_tensorflow_becomes_one_fused_conv(with_residual, fused_ops):
     """What `native.AUTO_INFERENCE["tensorflow"] == "folded"` is for.
 
     At inference "auto" folds the BN into the kernel and bias and adds them
-    with BiasAdd and AddN (`_tensorflow.add_bias_residual`); grappler's
-    oneDNN remapper then runs conv, bias, residual and relu as one op. This
+    with BiasAdd and AddN (`_tensorflow.add_bias_residual`) where a residual
+    follows; without one it runs `FusedBatchNormV3` after the conv
+    (`_tensorflow.batch_norm_inference`), and the kernel is not rewritten.
+    Grappler's oneDNN remapper then runs each as one op with the relu. This
     depends on TensorFlow's remapper, not on this package: if an upgrade
     stops the fusion, this fails, and the policy needs measuring again.
     """
     import tensorflow as tf
 
     args, residual = _case((2, 6, 6, 8), 8, "channels_last", "float32")
+    residual = _np(residual) if with_residual else None
     inputs = _np(args.pop("inputs"))
     args["kernel"] = _np(args["kernel"])  # no eager tensors in the graph below
     expected = _np(conv_bn_add_act(inputs, residual=residual, implementation="composite", **args))
     with tf.Graph().as_default() as graph:
         x = tf.compat.v1.placeholder(tf.float32, inputs.shape)
-        r = tf.compat.v1.placeholder(tf.float32, expected.shape)
+        feed = {x: inputs}
+        r = None
+        if with_residual:
+            r = tf.compat.v1.placeholder(tf.float32, expected.shape)
+            feed[r] = residual
         y = conv_bn_add_act(x, residual=r, implementation="auto", **args)
         with tf.compat.v1.Session(graph=graph) as session:
             metadata = tf.compat.v1.RunMetadata()
             result = session.run(
                 y,
-                {x: inputs, r: _np(residual)},
+                feed,
                 options=tf.compat.v1.RunOptions(output_partition_graphs=True),
                 run_metadata=metadata,
             )
     np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-5)
     nodes = [node for graph_def in metadata.partition_graphs for node in graph_def.node]
     fused = [list(node.attr["fused_ops"].list.s) for node in nodes if "FusedConv2D" in node.op]
-    assert fused == [[b"BiasAdd", b"Add", b"Relu"]], sorted({node.op for node in nodes})
+    assert fused == [fused_ops], sorted({node.op for node in nodes})
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the TensorFlow adapter's inference BN")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "linear", "silu"])
+def test_auto_inference_without_residual_equals_composite_on_tensorflow(
+    activation, with_bias, dtype, monkeypatch
+):
+    """The unit without a residual at inference: `batch_norm_inference` after
+    the conv (the conv bias joins the mean), in every dtype; float64, which
+    `FusedBatchNormV3` does not take, is computed unfused."""
+    from keras_residual.native import _tensorflow
+
+    calls = []
+    original = _tensorflow.batch_norm_inference
+    monkeypatch.setattr(
+        _tensorflow,
+        "batch_norm_inference",
+        lambda *a, **k: calls.append(a) or original(*a, **k),
+    )
+    args, _ = _case((2, 6, 5, 4), 8, "channels_last", dtype)
+    if not with_bias:
+        args["bias"] = None
+    ours = conv_bn_add_act(activation=activation, implementation="auto", **args)
+    theirs = conv_bn_add_act(activation=activation, implementation="composite", **args)
+    assert len(calls) == 1
+    assert keras.backend.standardize_dtype(ours.dtype) == dtype
+    tolerance = {"float64": 1e-10, **TOLERANCE}[dtype]
+    np.testing.assert_allclose(
+        _np(ours).astype("float64"), _np(theirs).astype("float64"), rtol=tolerance, atol=tolerance
+    )
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute.MirroredStrategy")
@@ -372,7 +416,7 @@ def test_own_op_needs_no_library_and_names_a_bad_name():
     assert native.own_op("numpy", "conv2d") is None  # no adapter at all
     own = {name: native.own_op(keras.config.backend(), name) for name in native.OWN_OPS}
     expected = {
-        "tensorflow": {"add_bias_residual"},
+        "tensorflow": {"add_bias_residual", "batch_norm_inference"},
         "torch": {"conv2d", "max_pool2d"},
         "jax": {"conv2d"},
     }[keras.config.backend()]
