@@ -12,7 +12,8 @@
 // Results are deterministic for a given thread count.
 //
 // Numerics: values are converted to the parameter type (float, or double for
-// float64) in registers; reductions accumulate in double. The statistics are
+// float64) in registers; reductions accumulate in the parameter type over at
+// most kFoldEvery (16) values per accumulator, then in double. The statistics are
 // accumulated around a per-channel shift (the channel's first value), so that
 // data with a large offset keeps its variance ("shifted data" algorithm).
 // float16 and bfloat16 are converted with branch-free bit manipulation and
@@ -367,11 +368,28 @@ inline double fold(const double* KR_RESTRICT a, int64_t len) {
   return sum;
 }
 
+// Tiles add into accumulators of the parameter type P, which are added into
+// double accumulators (and zeroed) every kFoldEvery tiles: P sums of at most
+// kFoldEvery values, then double sums. Accumulating every value in double
+// took twice the time of the whole pass in float (the conversions and the
+// double vectors of half the width), on a tile in cache.
+constexpr int kFoldEvery = 16;
+
+// dst[i] += src[i] for i in [0, len); src zeroed.
+template <class P>
+inline void fold_into(P* KR_RESTRICT src, double* KR_RESTRICT dst, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    dst[i] += double(src[i]);
+    src[i] = P(0);
+  }
+}
+
 // Cuts a tensor into tiles and hands each tile, with its parameter and
 // accumulator arrays, to `tile`:
-//   tile(int64_t offset, int64_t len, const P* const* params, double* const* acc, P* scratch)
+//   tile(int64_t offset, int64_t len, const P* const* params, P* const* acc, P* scratch)
 // `params` are NP per-channel arrays of length c; `totals` are NA per-channel
-// arrays of length c that receive, per channel, the sums of the accumulators.
+// arrays of length c that receive, per channel, the sums of the accumulators
+// (added into double every kFoldEvery tiles).
 //   NHWC, c <= kTile: tiles of whole rows; parameters replicated across the
 //     rows of a tile; per-thread accumulators folded per channel at the end.
 //   NHWC, c > kTile: tiles are segments of a row.
@@ -399,17 +417,26 @@ void for_each_tile(Shape s, const P* const* params, double* const* totals,
     const int nt = plan_threads(m, c);
     std::vector<double> part(size_t(nt) * kNA * c, 0.0);
     parallel_for(m, nt, [&](int64_t r0, int64_t r1, int t) {
-      std::vector<double> accv(static_cast<size_t>(kNA) * width, 0.0);
-      double* acc[kNA] = {};
-      for (int k = 0; k < NA; ++k) acc[k] = accv.data() + size_t(k) * width;
+      const size_t acc_size = NA > 0 ? size_t(NA) * width : 0;
+      std::vector<double> accv(acc_size, 0.0);
+      std::vector<P> accp(acc_size, P(0));
+      P* acc[kNA] = {};
+      for (int k = 0; k < NA; ++k) acc[k] = accp.data() + size_t(k) * width;
       alignas(64) P scratch[kTile];
+      int pending = 0;
       for (int64_t r = r0; r < r1; r += rows_per_tile) {
         const int64_t rows = std::min(rows_per_tile, r1 - r);
         tile(r * c, rows * c, prm, acc, scratch);
+        if (NA > 0 && ++pending == kFoldEvery) {
+          fold_into(accp.data(), accv.data(), int64_t(acc_size));
+          pending = 0;
+        }
       }
+      if (NA > 0) fold_into(accp.data(), accv.data(), int64_t(acc_size));
       for (int k = 0; k < NA; ++k) {
         double* out = part.data() + (size_t(t) * kNA + k) * c;
-        for (int64_t i = 0; i < width; ++i) out[i % c] += acc[k][i];
+        const double* in = accv.data() + size_t(k) * width;
+        for (int64_t i = 0; i < width; ++i) out[i % c] += in[i];
       }
     });
     for (int t = 0; t < nt; ++t)
@@ -420,16 +447,24 @@ void for_each_tile(Shape s, const P* const* params, double* const* totals,
     std::vector<double> part(size_t(nt) * kNA * c, 0.0);
     parallel_for(m, nt, [&](int64_t r0, int64_t r1, int t) {
       double* accbase = part.data() + size_t(t) * kNA * c;
+      const size_t acc_size = NA > 0 ? size_t(NA) * c : 0;
+      std::vector<P> accp(acc_size, P(0));
       alignas(64) P scratch[kTile];
+      int pending = 0;
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t j0 = 0; j0 < c; j0 += kTile) {
           const P* prm[kNP] = {};
-          double* acc[kNA] = {};
+          P* acc[kNA] = {};
           for (int k = 0; k < NP; ++k) prm[k] = params[k] + j0;
-          for (int k = 0; k < NA; ++k) acc[k] = accbase + size_t(k) * c + j0;
+          for (int k = 0; k < NA; ++k) acc[k] = accp.data() + size_t(k) * c + j0;
           tile(r * c + j0, std::min(kTile, c - j0), prm, acc, scratch);
         }
+        if (NA > 0 && ++pending == kFoldEvery) {
+          fold_into(accp.data(), accbase, int64_t(acc_size));
+          pending = 0;
+        }
       }
+      if (NA > 0) fold_into(accp.data(), accbase, int64_t(acc_size));
     });
     for (int t = 0; t < nt; ++t)
       for (int k = 0; k < NA; ++k)
@@ -440,25 +475,33 @@ void for_each_tile(Shape s, const P* const* params, double* const* totals,
     const int64_t width = std::min(hw, kTile);
     const int nt = plan_threads(c, s.n * hw);
     parallel_for(c, nt, [&](int64_t c0, int64_t c1, int) {
+      const size_t acc_size = NA > 0 ? size_t(NA) * width : 0;
       std::vector<P> bcast(size_t(kNP) * width);
-      std::vector<double> accv(size_t(kNA) * width);
+      std::vector<double> accv(acc_size);
+      std::vector<P> accp(acc_size, P(0));
       const P* prm[kNP] = {};
-      double* acc[kNA] = {};
+      P* acc[kNA] = {};
       for (int k = 0; k < NP; ++k) prm[k] = bcast.data() + size_t(k) * width;
-      for (int k = 0; k < NA; ++k) acc[k] = accv.data() + size_t(k) * width;
+      for (int k = 0; k < NA; ++k) acc[k] = accp.data() + size_t(k) * width;
       alignas(64) P scratch[kTile];
       for (int64_t ch = c0; ch < c1; ++ch) {
         for (int k = 0; k < NP; ++k) {
           std::fill_n(bcast.data() + size_t(k) * width, width, params[k][ch]);
         }
         if (NA > 0) std::fill(accv.begin(), accv.end(), 0.0);
+        int pending = 0;
         for (int64_t b = 0; b < s.n; ++b) {
           const int64_t base = (b * c + ch) * hw;
           for (int64_t i0 = 0; i0 < hw; i0 += kTile) {
             tile(base + i0, std::min(kTile, hw - i0), prm, acc, scratch);
+            if (NA > 0 && ++pending == kFoldEvery) {
+              fold_into(accp.data(), accv.data(), int64_t(acc_size));
+              pending = 0;
+            }
           }
         }
-        for (int k = 0; k < NA; ++k) totals[k][ch] = fold(acc[k], width);
+        if (NA > 0) fold_into(accp.data(), accv.data(), int64_t(acc_size));
+        for (int k = 0; k < NA; ++k) totals[k][ch] = fold(accv.data() + size_t(k) * width, width);
       }
     });
   }
@@ -519,10 +562,10 @@ KR_INLINE void tile_out_store(void* base, int64_t offset, int64_t len,
 
 // Statistics around the shift k: s += x - k, q += (x - k)^2.
 template <class P>
-void stats_tile(const P* KR_RESTRICT x, const P* KR_RESTRICT k, double* KR_RESTRICT s,
-                double* KR_RESTRICT q, int64_t len) {
+void stats_tile(const P* KR_RESTRICT x, const P* KR_RESTRICT k, P* KR_RESTRICT s,
+                P* KR_RESTRICT q, int64_t len) {
   for (int64_t i = 0; i < len; ++i) {
-    const double d = double(x[i]) - double(k[i]);
+    const P d = x[i] - k[i];
     s[i] += d;
     q[i] += d * d;
   }
@@ -544,8 +587,7 @@ template <class P, Activation A, GradRule R, bool kRes>
 void affine_backward_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
                           const P* KR_RESTRICT r, const P* KR_RESTRICT a,
                           const P* KR_RESTRICT b, P* KR_RESTRICT g, P* KR_RESTRICT dx,
-                          double* KR_RESTRICT sgx, double* KR_RESTRICT sg, int64_t len,
-                          P alpha) {
+                          P* KR_RESTRICT sgx, P* KR_RESTRICT sg, int64_t len, P alpha) {
   for (int64_t i = 0; i < len; ++i) {
     const P xv = x[i];
     P z = xv * a[i] + b[i];
@@ -553,8 +595,8 @@ void affine_backward_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
     const P gv = act_backward<A, P, R>(dy[i], z, alpha);
     g[i] = gv;
     dx[i] = gv * a[i];
-    sgx[i] += double(gv * xv);
-    sg[i] += double(gv);
+    sgx[i] += gv * xv;
+    sg[i] += gv;
   }
 }
 
@@ -563,16 +605,16 @@ void affine_backward_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x,
 template <class P, Activation A, GradRule R, bool kRes>
 void bn_backward1_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x, const P* KR_RESTRICT r,
                        const P* KR_RESTRICT a, const P* KR_RESTRICT b, const P* KR_RESTRICT mu,
-                       P* KR_RESTRICT g, double* KR_RESTRICT sg, double* KR_RESTRICT sgx,
-                       int64_t len, P alpha) {
+                       P* KR_RESTRICT g, P* KR_RESTRICT sg, P* KR_RESTRICT sgx, int64_t len,
+                       P alpha) {
   for (int64_t i = 0; i < len; ++i) {
     const P xv = x[i];
     P z = xv * a[i] + b[i];
     if constexpr (kRes) z += r[i];
     const P gv = act_backward<A, P, R>(dy[i], z, alpha);
     g[i] = gv;
-    sg[i] += double(gv);
-    sgx[i] += double(gv * (xv - mu[i]));
+    sg[i] += gv;
+    sgx[i] += gv * (xv - mu[i]);
   }
 }
 
@@ -611,11 +653,11 @@ void bn_backward2_recompute_tile(const P* KR_RESTRICT dy, const P* KR_RESTRICT x
 template <class P>
 using ForwardFn = void (*)(const P*, const P*, const P*, const P*, P*, int64_t, P);
 template <class P>
-using AffineBackwardFn = void (*)(const P*, const P*, const P*, const P*, const P*, P*, P*,
-                                  double*, double*, int64_t, P);
+using AffineBackwardFn = void (*)(const P*, const P*, const P*, const P*, const P*, P*, P*, P*,
+                                  P*, int64_t, P);
 template <class P>
 using BnBackward1Fn = void (*)(const P*, const P*, const P*, const P*, const P*, const P*, P*,
-                               double*, double*, int64_t, P);
+                               P*, P*, int64_t, P);
 template <class P>
 using BnBackward2Fn = void (*)(const P*, const P*, const P*, const P*, const P*, const P*,
                                const P*, const P*, P*, int64_t, P);
@@ -726,7 +768,7 @@ void batch_stats_impl(const void* x, Shape s, void* mean_, void* var_) {
   const P* params[1] = {shift.data()};
   double* const totals[2] = {sum.data(), sumsq.data()};
   for_each_tile<P, 1, 2>(s, params, totals,
-                         [&](int64_t o, int64_t len, const P* const* prm, double* const* acc,
+                         [&](int64_t o, int64_t len, const P* const* prm, P* const* acc,
                              P* scratch) {
                            const P* xv = tile_in<T>(x, o, len, scratch);
                            stats_tile<P>(xv, prm[0], acc[0], acc[1], len);
@@ -754,7 +796,7 @@ void scale_shift_add_act_impl(const void* x, const void* r, Shape s, const void*
   const ForwardFn<P> fn = forward_fn<P>(act, r != nullptr);
   const P alpha = P(act.alpha);
   for_each_tile<P, 2, 0>(s, params, totals,
-                         [&](int64_t o, int64_t len, const P* const* prm, double* const*,
+                         [&](int64_t o, int64_t len, const P* const* prm, P* const*,
                              P* scratch) {
                            alignas(64) P bx[std::is_same<typename T::S, P>::value ? 1 : kTile];
                            alignas(64) P br[std::is_same<typename T::S, P>::value ? 1 : kTile];
@@ -783,7 +825,7 @@ void scale_shift_add_act_backward_impl(const void* dy, const void* x, const void
   const P alpha = P(act.alpha);
   for_each_tile<P, 2, 2>(
       s, params, totals,
-      [&](int64_t o, int64_t len, const P* const* prm, double* const* acc, P* scratch) {
+      [&](int64_t o, int64_t len, const P* const* prm, P* const* acc, P* scratch) {
         alignas(64) P bdy[kBuf], bx[kBuf], br[kBuf], bdx[kBuf];
         const P* dyv = tile_in<T>(dy, o, len, bdy);
         const P* xv = tile_in<T>(x, o, len, bx);
@@ -841,7 +883,7 @@ void batch_norm_add_act_backward_impl(const void* dy, const void* x, const void*
     const P alpha = P(act.alpha);
     for_each_tile<P, 3, 2>(
         s, params, totals,
-        [&](int64_t o, int64_t len, const P* const* prm, double* const* acc, P* scratch) {
+        [&](int64_t o, int64_t len, const P* const* prm, P* const* acc, P* scratch) {
           alignas(64) P bdy[kBuf], bx[kBuf], br[kBuf];
           const P* dyv = tile_in<T>(dy, o, len, bdy);
           const P* xv = tile_in<T>(x, o, len, bx);
@@ -878,7 +920,7 @@ void batch_norm_add_act_backward_impl(const void* dy, const void* x, const void*
     const P alpha = P(act.alpha);
     for_each_tile<P, 5, 0>(
         s, params, totals,
-        [&](int64_t o, int64_t len, const P* const* prm, double* const*, P* scratch) {
+        [&](int64_t o, int64_t len, const P* const* prm, P* const*, P* scratch) {
           alignas(64) P bdy[kBuf], bx[kBuf], br[kBuf];
           const P* dyv = tile_in<T>(dy, o, len, bdy);
           const P* xv = tile_in<T>(x, o, len, bx);
@@ -891,7 +933,7 @@ void batch_norm_add_act_backward_impl(const void* dy, const void* x, const void*
     const P* params[4] = {sc.data(), ka.data(), kb.data(), mean};
     for_each_tile<P, 4, 0>(
         s, params, totals,
-        [&](int64_t o, int64_t len, const P* const* prm, double* const*, P* scratch) {
+        [&](int64_t o, int64_t len, const P* const* prm, P* const*, P* scratch) {
           alignas(64) P bx[kBuf], bg[kBuf];
           const P* xv = tile_in<T>(x, o, len, bx);
           if (kDirect && dr == nullptr) {
