@@ -118,8 +118,8 @@ class Adapter(Protocol):
     cannot hold the adapter's ops (`graph_reason`). torch has one (its
     convolution without Keras' NHWC <-> NCHW copies; large 1x1 kernels as
     matrix products, or in training as transposed convolutions, which take
-    the Keras kernel uncopied); JAX has one (every 1x1 kernel on the CPU as a matrix
-    product); TensorFlow has none.
+    the Keras kernel uncopied); JAX has one (every 1x1 kernel on the CPU as
+    a matrix product); TensorFlow has none.
 
     Its own max pooling, for the stem::
 
@@ -274,8 +274,7 @@ def own_op(backend: str, name: str):
 
     `name` is one of `OWN_OPS`: the adapter module's optional `conv2d`,
     `max_pool2d`, `add_bias_residual` or `batch_norm_inference` (see
-    `Adapter`). Needs no built
-    library: nothing is compiled or loaded.
+    `Adapter`). Needs no built library: nothing is compiled or loaded.
 
     Raises:
         ValueError: if `name` is not in `OWN_OPS`.
