@@ -25,7 +25,7 @@ RUNS = [
     ("torch", "ResNet50", "inference", "cpu-2core-epyc-2026-12-02-torch-resnet50-v1.5"),
     ("torch", "ResNet18", "train", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5-openmp"),
     ("torch", "ResNet18", "inference", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5-openmp"),
-    ("torch", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-torch-resnet18-v1.5"),
+    ("torch", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-torch-resnet18-v1.5-floatacc"),
     ("torch", "ResNet18", "inference", "cpu-2core-epyc-2026-12-02-torch-resnet18-v1.5"),
     ("TensorFlow", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-tensorflow-resnet50"),
     (
@@ -48,7 +48,7 @@ RUNS = [
         "inference",
         "cpu-2core-epyc-2026-12-02-tensorflow-resnet50-fusedbn",
     ),
-    ("TensorFlow", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-tensorflow-resnet18-fusedbn"),
+    ("TensorFlow", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-tensorflow-resnet18-floatacc"),
     (
         "TensorFlow",
         "ResNet18",
@@ -62,7 +62,7 @@ RUNS = [
         "inference",
         "cpu-2core-epyc-2026-12-02-jax-resnet50-pointwise-inference",
     ),
-    ("JAX", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-jax-resnet18-pointwise"),
+    ("JAX", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-jax-resnet18-floatacc"),
     ("JAX", "ResNet18", "inference", "cpu-2core-epyc-2026-12-02-jax-resnet18-pointwise"),
 ]
 COLUMNS = ["composite", "native", "auto", "folded", "limit", "torchvision"]
