@@ -15,55 +15,61 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# (backend, model, mode, folder): the newest file for each row and CPU.
+# (backend, model, train folder, inference folder), "cpu-2core-" omitted:
+# the newest file of each mode for each row and CPU.
 RUNS = [
-    ("torch", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-torch-resnet50-v1.5-openmp"),
-    ("torch", "ResNet50", "inference", "cpu-2core-xeon-2026-12-02-torch-resnet50-v1.5-openmp"),
-    ("torch", "ResNet50", "train", "cpu-2core-epyc-2026-12-02-torch-resnet50-v1.5-floatacc"),
-    # The inference code has not changed since this file (the -transpose
-    # file's inference rows were disturbed: IQR up to 1.7x).
-    ("torch", "ResNet50", "inference", "cpu-2core-epyc-2026-12-02-torch-resnet50-v1.5"),
-    ("torch", "ResNet18", "train", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5-openmp"),
-    ("torch", "ResNet18", "inference", "cpu-2core-xeon-2026-12-02-torch-resnet18-v1.5-openmp"),
-    ("torch", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-torch-resnet18-v1.5-floatacc"),
-    ("torch", "ResNet18", "inference", "cpu-2core-epyc-2026-12-02-torch-resnet18-v1.5"),
-    ("TensorFlow", "ResNet50", "train", "cpu-2core-xeon-2026-12-02-tensorflow-resnet50"),
+    ("torch", "ResNet50", "xeon-2026-12-02-torch-resnet50-v1.5-openmp", None),
+    # The inference code has not changed since the inference file (the
+    # -transpose file's inference rows were disturbed: IQR up to 1.7x).
+    (
+        "torch",
+        "ResNet50",
+        "epyc-2026-12-02-torch-resnet50-v1.5-floatacc",
+        "epyc-2026-12-02-torch-resnet50-v1.5",
+    ),
+    ("torch", "ResNet18", "xeon-2026-12-02-torch-resnet18-v1.5-openmp", None),
+    (
+        "torch",
+        "ResNet18",
+        "epyc-2026-12-02-torch-resnet18-v1.5-floatacc",
+        "epyc-2026-12-02-torch-resnet18-v1.5",
+    ),
     (
         "TensorFlow",
         "ResNet50",
-        "inference",
-        "cpu-2core-xeon-2026-12-02-tensorflow-resnet50-inference",
+        "xeon-2026-12-02-tensorflow-resnet50",
+        "xeon-2026-12-02-tensorflow-resnet50-inference",
     ),
-    ("TensorFlow", "ResNet18", "train", "cpu-2core-xeon-2026-12-02-tensorflow-resnet18"),
     (
         "TensorFlow",
         "ResNet18",
-        "inference",
-        "cpu-2core-xeon-2026-12-02-tensorflow-resnet18-inference",
+        "xeon-2026-12-02-tensorflow-resnet18",
+        "xeon-2026-12-02-tensorflow-resnet18-inference",
     ),
-    ("TensorFlow", "ResNet50", "train", "cpu-2core-epyc-2026-12-02-tensorflow-resnet50-floatacc"),
     (
         "TensorFlow",
         "ResNet50",
-        "inference",
-        "cpu-2core-epyc-2026-12-02-tensorflow-resnet50-fusedbn",
+        "epyc-2026-12-02-tensorflow-resnet50-floatacc",
+        "epyc-2026-12-02-tensorflow-resnet50-fusedbn",
     ),
-    ("TensorFlow", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-tensorflow-resnet18-floatacc"),
     (
         "TensorFlow",
         "ResNet18",
-        "inference",
-        "cpu-2core-epyc-2026-12-02-tensorflow-resnet18-fusedbn",
+        "epyc-2026-12-02-tensorflow-resnet18-floatacc",
+        "epyc-2026-12-02-tensorflow-resnet18-fusedbn",
     ),
-    ("JAX", "ResNet50", "train", "cpu-2core-epyc-2026-12-02-jax-resnet50-floatacc"),
     (
         "JAX",
         "ResNet50",
-        "inference",
-        "cpu-2core-epyc-2026-12-02-jax-resnet50-pointwise-inference",
+        "epyc-2026-12-02-jax-resnet50-floatacc",
+        "epyc-2026-12-02-jax-resnet50-pointwise-inference",
     ),
-    ("JAX", "ResNet18", "train", "cpu-2core-epyc-2026-12-02-jax-resnet18-floatacc"),
-    ("JAX", "ResNet18", "inference", "cpu-2core-epyc-2026-12-02-jax-resnet18-pointwise"),
+    (
+        "JAX",
+        "ResNet18",
+        "epyc-2026-12-02-jax-resnet18-floatacc",
+        "epyc-2026-12-02-jax-resnet18-pointwise",
+    ),
 ]
 COLUMNS = ["composite", "native", "auto", "folded", "limit", "torchvision"]
 
@@ -82,15 +88,16 @@ def table() -> str:
         "| backend | model | mode | " + " | ".join(COLUMNS) + " | CPU | file |",
         "|---|---|---|" + "---:|" * len(COLUMNS) + "---|---|",
     ]
-    for backend, model, mode, folder in RUNS:
-        run = json.loads((RESULTS / folder / "results.json").read_text())
-        by_row = {r["implementation"]: r for r in run["records"] if r["mode"] == mode}
-        cells = " | ".join(cell(by_row.get(column), column) for column in COLUMNS)
-        name = folder.split("-", 2)[2]  # without "cpu-2core-"
-        lines.append(
-            f"| {backend} | {model} | {mode} | {cells} | {run['host']['cpu']} "
-            f"| [{name}](benchmarks/results/{folder}/) |"
-        )
+    for backend, model, train, inference in RUNS:
+        # None: the inference rows are in the training file.
+        for mode, name in (("train", train), ("inference", inference or train)):
+            run = json.loads((RESULTS / f"cpu-2core-{name}" / "results.json").read_text())
+            by_row = {r["implementation"]: r for r in run["records"] if r["mode"] == mode}
+            cells = " | ".join(cell(by_row.get(column), column) for column in COLUMNS)
+            lines.append(
+                f"| {backend} | {model} | {mode} | {cells} | {run['host']['cpu']} "
+                f"| [{name}](benchmarks/results/cpu-2core-{name}/) |"
+            )
     return "\n".join(lines)
 
 
