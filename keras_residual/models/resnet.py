@@ -30,6 +30,7 @@ import keras
 from keras import ops
 
 from keras_residual import _validation as check
+from keras_residual import native
 from keras_residual._layout import Layout
 from keras_residual.layers import BottleneckBlock, ResidualBlock, _args
 from keras_residual.layers._base import (
@@ -405,6 +406,41 @@ class ResNet(keras.Model):
         for layer in head:
             x = layer(x)
         return x if head else self._layout.to_outer(x)
+
+    # -- training -------------------------------------------------------------
+
+    def train_step(self, *args, **kwargs):
+        self._lay_out_kernels()
+        return super().train_step(*args, **kwargs)
+
+    def _lay_out_kernels(self):
+        """Has the backend lay out the conv kernels for its convolution, once.
+
+        On torch (the only backend with a `lay_out_kernels`), at the first
+        training step with each optimizer (`fit`, `train_on_batch`): the
+        kernels, and the optimizer's slots for them, are stored in the
+        memory order torch's convolution reads, values unchanged. The native
+        path then passes each kernel to the convolution, and takes its
+        gradient back, without a copy. "composite" runs Keras' own ops and
+        keeps Keras' layout. A training loop of one's own runs with the
+        layout the model has.
+        """
+        if self.implementation == "composite" or self.optimizer is None:
+            return
+        lay_out = native.own_op(keras.config.backend(), "lay_out_kernels")
+        if lay_out is None:
+            return
+        optimizer_variables = list(self.optimizer.variables)
+        key = f"{id(self.optimizer)}:{len(optimizer_variables)}"
+        if getattr(self, "_kernel_layout", None) == key:
+            return
+        pairs = self.conv_bn_pairs() + [p for block in self.blocks for p in block.conv_bn_pairs()]
+        lay_out(
+            [conv.kernel for conv, _ in pairs],
+            optimizer_variables,
+            channels_last=self._layout.inner == "channels_last",
+        )
+        self._kernel_layout = key
 
     def get_layer(self, name=None, index=None):
         """A layer by index, or by name at any depth.

@@ -87,7 +87,13 @@ AUTO_INFERENCE = {
     "jax": "composite",
 }
 # The framework ops an adapter module may have its own version of (`own_op`).
-OWN_OPS = ("conv2d", "max_pool2d", "add_bias_residual", "batch_norm_inference")
+OWN_OPS = (
+    "conv2d",
+    "max_pool2d",
+    "add_bias_residual",
+    "batch_norm_inference",
+    "lay_out_kernels",
+)
 NO_ADAPTER = {
     "numpy": "the numpy backend has no gradients or native adapter",
     "openvino": "no native adapter for OpenVINO",
@@ -99,8 +105,8 @@ class Adapter(Protocol):
 
     An adapter module may also offer, optionally (not members here, so that
     adapters without them still match), its own versions of four framework
-    ops (`OWN_OPS`). They are plain framework code that needs no built
-    library; `own_op(backend, name)` finds them.
+    ops, and a layout of the kernels (`OWN_OPS`). They are plain framework
+    code that needs no built library; `own_op(backend, name)` finds them.
 
     Its own convolution::
 
@@ -162,6 +168,17 @@ class Adapter(Protocol):
     the kernel per call. TensorFlow has one (`FusedBatchNormV3`, which
     grappler's oneDNN remapper fuses, with a following Relu, into the conv);
     the others have none.
+
+    The memory order of the conv kernels in training::
+
+        def lay_out_kernels(kernels, optimizer_variables, *, channels_last): ...
+
+    Stores the Keras kernels (variables, shape `(kh, kw, in, out)`), and the
+    optimizer's variables made for them, in the memory order the backend's
+    convolution reads, in place: shapes and values are unchanged, and
+    `conv2d` then needs no copy of a kernel or of its gradient. A `ResNet`
+    calls it at its first training step with each optimizer. torch has one;
+    the others have none (their arrays have no strides to choose).
     """
 
     def build(self, force: bool = False, cuda: bool | None = None) -> Path:
@@ -273,8 +290,8 @@ def own_op(backend: str, name: str):
     """`backend`'s own version of the framework op `name`, or None.
 
     `name` is one of `OWN_OPS`: the adapter module's optional `conv2d`,
-    `max_pool2d`, `add_bias_residual` or `batch_norm_inference` (see
-    `Adapter`). Needs no built library: nothing is compiled or loaded.
+    `max_pool2d`, `add_bias_residual`, `batch_norm_inference` or
+    `lay_out_kernels` (see `Adapter`). Needs no built library: nothing is compiled or loaded.
 
     Raises:
         ValueError: if `name` is not in `OWN_OPS`.

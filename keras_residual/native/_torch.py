@@ -764,15 +764,18 @@ def _pointwise_as_transpose(x, kernel, strides) -> bool:
     """Whether `conv2d` runs this NCHW-shaped call as `F.conv_transpose2d`.
 
     In training, a 1x1, stride-1, ungrouped convolution on the CPU of a
-    large kernel (`_TRANSPOSED_MIN`): the kernel then needs no copy into
-    torch's layout, and its gradient none back (`_conv_weight` copies both
-    per step). At inference the copy is made once (`memo`), and the
+    large kernel (`_TRANSPOSED_MIN`) in Keras' memory order: the kernel then
+    needs no copy into torch's layout, and its gradient none back
+    (`_conv_weight` copies both per step). A kernel stored as the
+    convolution reads it (`lay_out_kernels`) needs neither, and keeps the
+    convolution. At inference the copy is made once (`memo`), and the
     convolution stays. CUDA keeps the convolution: not measured there.
     """
     import torch
 
     return (
         x.device.type == "cpu"
+        and kernel.is_contiguous()
         and tuple(kernel.shape[:2]) == (1, 1)
         and strides == (1, 1)
         and kernel.shape[2] == x.shape[1]
@@ -780,6 +783,58 @@ def _pointwise_as_transpose(x, kernel, strides) -> bool:
         and torch.is_grad_enabled()
         and kernel.requires_grad
     )
+
+
+def _conv_order(channels_last: bool) -> tuple[tuple, tuple]:
+    """(permutation, inverse) between a Keras kernel `(kh, kw, in, out)` and
+    the memory order torch's convolution reads: `(out, kh, kw, in)` for
+    channels_last input, `(out, in, kh, kw)` otherwise."""
+    return ((3, 0, 1, 2), (1, 2, 3, 0)) if channels_last else ((3, 2, 0, 1), (2, 3, 1, 0))
+
+
+def lay_out_kernels(kernels, optimizer_variables=(), *, channels_last=True) -> int:
+    """Stores conv kernels in the memory order torch's convolution reads.
+
+    Each Keras kernel keeps its shape `(kh, kw, in, out)` and its values;
+    only its strides change, so that `conv2d` passes it to the convolution
+    as a view, forward, and its gradient, which autograd gives the strides
+    of the variable, comes back without a copy. Keras' layout needs a copy
+    of the kernel into torch's per training step, and one of its gradient
+    back.
+
+    An optimizer's elementwise update of a variable and its slots (SGD's
+    momentum, Adam's moments) is 12-60x slower when their memory orders
+    differ (a 3x3x512x512 kernel on a 2-core AMD EPYC), so the 4D
+    `optimizer_variables` of a laid-out kernel's shape are laid out too
+    (the slots Keras makes from a variable, `add_variable_from_reference`,
+    have its shape).
+
+    What is laid out: tensors in place (their `.data`, and a gradient
+    present), so every reference to the variables (Keras', the optimizer's,
+    the module's parameters) holds; values, saving and loading (`assign`
+    copies in place) are unchanged. Nothing is done while torch.compile
+    traces. Returns how many tensors were laid out.
+    """
+    import torch
+
+    if torch.compiler.is_compiling():
+        return 0
+    order, inverse = _conv_order(channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def lay_out(value) -> int:
+        if value.dim() != 4 or value.permute(3, 2, 0, 1).is_contiguous(memory_format=memory_format):
+            return 0
+        with torch.no_grad():
+            value.data = value.data.permute(order).contiguous().permute(inverse)
+            if value.grad is not None:
+                value.grad = value.grad.permute(order).contiguous().permute(inverse)
+        return 1
+
+    values = [k.value for k in kernels]
+    shapes = {tuple(v.shape) for v in values if v.dim() == 4}
+    slots = [v.value for v in optimizer_variables if len(v.shape) == 4 and tuple(v.shape) in shapes]
+    return sum(lay_out(v) for v in [*values, *slots])
 
 
 def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, channels_last=True):
@@ -792,10 +847,12 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
     it is (oneDNN on CPU, cuDNN on CUDA), and its channels_last output
     permuted back is a contiguous NHWC tensor: the activations are never
     copied (except by the explicit pad of an asymmetric "same", as in Keras).
-    The kernel is copied into the layout the convolution wants (torch would
-    make the same copy): once per call in training, where its gradient flows
-    back to the Keras variable through that copy, and once per change of
-    the variable in inference (`_conv_weight`). A 1x1 kernel on the CPU
+    A kernel stored in the memory order the convolution reads
+    (`lay_out_kernels`) is passed to it as a view. Any other is copied into
+    that layout (torch would make the same copy): once per call in training,
+    where its gradient flows back to the Keras variable through that copy,
+    and once per change of the variable in inference (`_conv_weight`). A
+    1x1 kernel on the CPU
     needs no copy where it runs as one matrix product of an NHWC input (a
     large one, `_MATMUL_MIN`, on an Intel CPU: `_padding.pointwise`), or in
     training as a transposed convolution, whose weight layout is the Keras
@@ -839,7 +896,9 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
         y = F.conv_transpose2d(x, kernel.permute(2, 3, 0, 1))
         return y.permute(0, 2, 3, 1) if channels_last else y
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    weight = _conv_weight(kernel, memory_format)
+    weight = kernel.permute(3, 2, 0, 1)
+    if not weight.is_contiguous(memory_format=memory_format):
+        weight = _conv_weight(kernel, memory_format)
     groups = x.shape[1] // weight.shape[1]
     pad = (0, 0)
     if padding == "symmetric":

@@ -417,7 +417,7 @@ def test_own_op_needs_no_library_and_names_a_bad_name():
     own = {name: native.own_op(keras.config.backend(), name) for name in native.OWN_OPS}
     expected = {
         "tensorflow": {"add_bias_residual", "batch_norm_inference"},
-        "torch": {"conv2d", "max_pool2d"},
+        "torch": {"conv2d", "max_pool2d", "lay_out_kernels"},
         "jax": {"conv2d"},
     }[keras.config.backend()]
     assert {name for name, op in own.items() if op is not None} == expected

@@ -578,3 +578,120 @@ def test_resnet18_native_equals_composite():
     assert native_loss == pytest.approx(composite_loss, rel=1e-5)
     for a, b in zip(native_after, composite_after, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+# -- kernels laid out as the convolution reads them ---------------------------------
+
+
+def _laid_out(k, channels_last):
+    """`k` (a leaf that requires grad) stored in torch's convolution order."""
+
+    class Holder:  # what `lay_out_kernels` takes: objects with `.value`
+        value = k
+
+    assert _torch.lay_out_kernels([Holder], channels_last=channels_last) == 1
+    return k
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize(
+    "kernel_size, strides", [((3, 3), 1), ((3, 3), 2), ((1, 1), 1), ((1, 1), 2), ((7, 7), 2)]
+)
+def test_laid_out_kernel_reaches_the_conv_uncopied(kernel_size, strides, data_format, monkeypatch):
+    """A kernel stored in the convolution's memory order is passed to
+    `F.conv2d` as a view (even where a Keras-ordered 1x1 kernel would run
+    transposed), its gradient keeps its strides (no copy on accumulation),
+    and the results equal `keras.ops.conv`."""
+    monkeypatch.setattr(_torch, "_matmul_beats_conv", lambda: False)
+    monkeypatch.setattr(_torch, "_TRANSPOSED_MIN", 1)
+    calls = []
+    conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "conv2d",
+        lambda *args, **kwargs: calls.append(args) or conv2d(*args, **kwargs),
+    )
+    channels_last = data_format == "channels_last"
+    x, k = _tensors((2, 9, 8, 6), kernel_size, 10, channels_last, torch.float32)
+    values = k.detach().clone()
+    _laid_out(k, channels_last)
+    assert torch.equal(k.detach(), values) and k.shape == values.shape
+    assert not k.is_contiguous()
+    ours = _forward_backward(
+        lambda x, k: _torch.conv2d(
+            x, k, strides=strides, padding="same", channels_last=channels_last
+        ),
+        x,
+        k,
+    )
+    assert len(calls) == 1
+    assert calls[0][1].data_ptr() == k.data_ptr()  # the kernel itself
+    assert k.grad.stride() == k.stride()
+    theirs = _forward_backward(
+        lambda x, k: keras.ops.conv(x, k, strides=strides, padding="same", data_format=data_format),
+        x,
+        k,
+    )
+    for actual, expected, what in zip(ours, theirs, ("output", "d input", "d kernel"), strict=True):
+        _assert_close(actual, expected, TOLERANCE[torch.float32], what)
+    # Laid out already: nothing more to do.
+    assert (
+        _torch.lay_out_kernels([type("Holder", (), {"value": k})], channels_last=channels_last) == 0
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_resnet_lays_out_kernels_and_slots_at_its_first_training_step(optimizer, tmp_path):
+    """`ResNet.train_step` lays out every conv kernel, and the optimizer's
+    4D slots, in the channels_last convolution's order: it trains as the
+    same model in Keras' layout does, and saves and loads the same values.
+    "composite" keeps Keras' layout. Fails loudly if Keras stops making an
+    optimizer's slots from a variable with its shape."""
+    _native_adapter()
+
+    def build(implementation, layout):
+        keras.utils.set_random_seed(0)
+        model = keras_residual.ResNet18(
+            weights=None, input_shape=(32, 32, 3), classes=10, implementation=implementation
+        )
+        make = {
+            "sgd_momentum": lambda: keras.optimizers.SGD(learning_rate=0.05, momentum=0.9),
+            "adam": lambda: keras.optimizers.Adam(learning_rate=1e-3),
+        }[optimizer]
+        model.compile(optimizer=make(), loss="sparse_categorical_crossentropy")
+        if not layout:
+            model._lay_out_kernels = lambda: None  # this twin keeps Keras' layout
+        return model
+
+    laid_out, keras_order, composite = (
+        build("native", True),
+        build("native", False),
+        build("composite", True),
+    )
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 32, 32, 3)).astype("float32")
+    labels = rng.integers(0, 10, size=(4,))
+    losses = {}
+    for name, model in (("laid_out", laid_out), ("keras", keras_order), ("composite", composite)):
+        losses[name] = [float(model.train_on_batch(x, labels)) for _ in range(2)]
+
+    def conv_order(variable):
+        return variable.value.permute(3, 2, 0, 1).is_contiguous(memory_format=torch.channels_last)
+
+    kernels = [v for v in laid_out.trainable_variables if len(v.shape) == 4]
+    assert len(kernels) == 20 and all(
+        conv_order(v) and not v.value.is_contiguous() for v in kernels
+    )
+    slots = [v for v in laid_out.optimizer.variables if len(v.shape) == 4]
+    assert len(slots) == {"sgd_momentum": 20, "adam": 40}[optimizer]
+    assert all(conv_order(v) for v in slots)
+    assert all(v.value.is_contiguous() for v in composite.trainable_variables)
+    assert all(v.value.is_contiguous() for v in keras_order.trainable_variables)
+    assert losses["laid_out"] == pytest.approx(losses["keras"], rel=1e-5)
+    for a, b in zip(laid_out.get_weights(), keras_order.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    path = tmp_path / "laid_out.keras"
+    laid_out.save(path)
+    loaded = keras.models.load_model(path)
+    for a, b in zip(loaded.get_weights(), laid_out.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
