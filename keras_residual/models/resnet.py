@@ -390,6 +390,7 @@ class ResNet(keras.Model):
             padding=self.pool1_pad.padding[0][0],
             data_format=self._layout.inner,
             implementation=self.implementation,
+            nonnegative=not self.preact and self.activation in ("relu", "relu6"),
         )
         features = {}
         for position, block in enumerate(self.blocks):

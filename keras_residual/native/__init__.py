@@ -129,13 +129,17 @@ class Adapter(Protocol):
 
     Its own max pooling, for the stem::
 
-        def max_pool2d(inputs, *, pool_size, strides, padding, channels_last): ...
+        def max_pool2d(inputs, *, pool_size, strides, padding, channels_last,
+                       nonnegative): ...
 
     `padding` zeros on every side (as `keras.layers.ZeroPadding2D`), then
     `keras.ops.max_pool` with `"valid"` padding, in the layout of `inputs`;
-    differentiable. `keras_residual.ops.max_pool` runs it as `conv_bn_add_act`
-    runs `conv2d` (torch: on the channels_last view, which Keras' pooling
-    copies to contiguous NCHW and back).
+    differentiable. `nonnegative`: the inputs are known to be >= 0 (a
+    relu's output), where zero padding changes no maximum.
+    `keras_residual.ops.max_pool` runs it as `conv_bn_add_act` runs `conv2d`
+    (torch: on the channels_last view, which Keras' pooling copies to
+    contiguous NCHW and back; with `nonnegative`, with torch's own padding
+    instead of a padded copy).
 
     Adapters of eager frameworks may also memoize what inference derives
     from variables (the epilogue's scale and shift)::

@@ -920,12 +920,14 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
     return y.permute(0, 2, 3, 1) if channels_last else y
 
 
-def max_pool2d(inputs, *, pool_size, strides, padding=0, channels_last=True):
+def max_pool2d(inputs, *, pool_size, strides, padding=0, channels_last=True, nonnegative=False):
     """Zero padding and `keras.ops.max_pool` ("valid"), without layout copies.
 
     Keras' torch pooling copies an NHWC input to contiguous NCHW and back;
     the permuted view is channels_last memory, which torch's pooling takes
-    as it is.
+    as it is. With `nonnegative`, no padded copy either: torch pools with
+    its own padding, which no window takes its maximum from when every
+    input is at least 0, as zero padding would not change it.
 
     Args:
         inputs: 4D tensor, NHWC when `channels_last`, else NCHW.
@@ -933,6 +935,9 @@ def max_pool2d(inputs, *, pool_size, strides, padding=0, channels_last=True):
         padding: int or 2 ints: zeros on each side of each spatial axis, as
             `keras.layers.ZeroPadding2D` adds them (not PyTorch's -inf).
         channels_last: the layout of `inputs` and of the result.
+        nonnegative: bool. The caller knows every input is >= 0 or NaN (a
+            relu's output). Only a padding of at most half the window is
+            left to torch's pooling (torch's limit); a larger one is padded.
 
     Returns:
         The pooled tensor, in the layout of `inputs`.
@@ -940,8 +945,11 @@ def max_pool2d(inputs, *, pool_size, strides, padding=0, channels_last=True):
     import torch.nn.functional as F
 
     pad_h, pad_w = _padding.pair(padding, "padding")
+    window = _padding.pair(pool_size, "pool_size")
     x = inputs.permute(0, 3, 1, 2) if channels_last else inputs
-    if pad_h or pad_w:
+    implicit = nonnegative and pad_h <= window[0] // 2 and pad_w <= window[1] // 2
+    if (pad_h or pad_w) and not implicit:
         x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
-    y = F.max_pool2d(x, _padding.pair(pool_size, "pool_size"), _padding.pair(strides, "strides"))
+        pad_h = pad_w = 0
+    y = F.max_pool2d(x, window, _padding.pair(strides, "strides"), (pad_h, pad_w))
     return y.permute(0, 2, 3, 1) if channels_last else y

@@ -557,7 +557,16 @@ def _fold(kernel, bias, gamma, beta, moving_mean, moving_variance, epsilon):
     return kernel, shift
 
 
-def max_pool(inputs, pool_size, strides, *, padding=0, data_format=None, implementation="auto"):
+def max_pool(
+    inputs,
+    pool_size,
+    strides,
+    *,
+    padding=0,
+    data_format=None,
+    implementation="auto",
+    nonnegative=False,
+):
     """Zero padding, then a "valid" max pooling: the ResNet stem's pool.
 
     The same as `keras.layers.ZeroPadding2D(padding)` followed by
@@ -574,6 +583,11 @@ def max_pool(inputs, pool_size, strides, *, padding=0, data_format=None, impleme
         implementation: `"auto"`, `"native"` or `"composite"`, as for
             `conv_bn_add_act`; `"auto"` and `"native"` are the same here (the
             pooling needs no built library).
+        nonnegative: bool. Every input is known to be >= 0 or NaN (the
+            output of a relu), so that zero padding changes no maximum: the
+            backend's own pooling may then pad implicitly instead of copying
+            the input padded (torch). The result is the same. Defaults to
+            `False`.
 
     Returns:
         The pooled tensor.
@@ -590,6 +604,7 @@ def max_pool(inputs, pool_size, strides, *, padding=0, data_format=None, impleme
             strides=strides,
             padding=padding,
             channels_last=data_format == "channels_last",
+            nonnegative=bool(nonnegative),
         )
     if padding:
         spatial = [(padding, padding)] * 2

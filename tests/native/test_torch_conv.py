@@ -394,6 +394,49 @@ def test_max_pool_equals_zero_padding_and_keras_pooling(shape, data_format):
     _assert_close(composite.detach(), theirs.detach(), 0, "composite max pool")
 
 
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_max_pool_of_nonnegative_inputs_pads_implicitly(data_format, monkeypatch):
+    """After a relu, zero padding changes no maximum: `nonnegative` pools
+    with torch's own padding, no padded copy, and gives the same values (and
+    the same gradient wherever an input is above 0, the only inputs whose
+    gradient a relu before it lets through). A padding wider than half the
+    window is still padded with zeros."""
+    channels_last = data_format == "channels_last"
+    x, _ = _tensors((2, 9, 8, 4), (1, 1), 1, channels_last, torch.float32)
+    x = torch.relu(x.detach()).requires_grad_()
+    pads = []
+    pad = torch.nn.functional.pad
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "pad",
+        lambda *args, **kwargs: pads.append(args) or pad(*args, **kwargs),
+    )
+
+    def pool(nonnegative, padding=1):
+        return _torch.max_pool2d(
+            x,
+            pool_size=3,
+            strides=2,
+            padding=padding,
+            channels_last=channels_last,
+            nonnegative=nonnegative,
+        )
+
+    ours, zeros = pool(True), pool(False)
+    assert len(pads) == 1  # only the zero-padded one
+    assert torch.equal(ours, zeros)
+    (g_ours,) = torch.autograd.grad(ours.sum(), x)
+    (g_zeros,) = torch.autograd.grad(zeros.sum(), x)
+    positive = x.detach() > 0
+    assert torch.equal(g_ours[positive], g_zeros[positive])
+    wide = pool(True, padding=2)  # torch's pooling takes at most half the window
+    assert len(pads) == 2 and torch.equal(wide, pool(False, padding=2))
+    composite = keras_residual.ops.max_pool(
+        x, 3, 2, padding=1, data_format=data_format, implementation="composite", nonnegative=True
+    )
+    _assert_close(composite.detach(), zeros.detach(), 0, "composite max pool")
+
+
 def test_rejects_bad_padding():
     x, k = _tensors((1, 4, 4, 2), (3, 3), 2, True, torch.float32)
     with pytest.raises(ValueError, match="padding"):
