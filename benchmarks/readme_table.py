@@ -19,21 +19,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # the newest file of each mode for each row and CPU.
 RUNS = [
     ("torch", "ResNet50", "xeon-2026-12-02-torch-resnet50-v1.5-openmp", None),
-    # The inference code has not changed since the inference file (the
-    # -transpose file's inference rows were disturbed: IQR up to 1.7x).
-    (
-        "torch",
-        "ResNet50",
-        "epyc-2026-12-02-torch-resnet50-v1.5-floatacc",
-        "epyc-2026-12-02-torch-resnet50-v1.5",
-    ),
+    ("torch", "ResNet50", "epyc-2026-12-02-torch-resnet50-v1.5-pool", None),
     ("torch", "ResNet18", "xeon-2026-12-02-torch-resnet18-v1.5-openmp", None),
-    (
-        "torch",
-        "ResNet18",
-        "epyc-2026-12-02-torch-resnet18-v1.5-floatacc",
-        "epyc-2026-12-02-torch-resnet18-v1.5",
-    ),
+    ("torch", "ResNet18", "epyc-2026-12-02-torch-resnet18-v1.5-pool", None),
     (
         "TensorFlow",
         "ResNet50",
