@@ -74,6 +74,18 @@ def _assert_close(actual, expected, tolerance, what):
     assert error <= tolerance * scale, f"{what}: max error {error} > {tolerance} * {scale}"
 
 
+def _record_calls(monkeypatch, name):
+    """The positional arguments of every call of `torch.nn.functional.<name>`."""
+    calls = []
+    function = getattr(torch.nn.functional, name)
+    monkeypatch.setattr(
+        torch.nn.functional,
+        name,
+        lambda *args, **kwargs: calls.append(args) or function(*args, **kwargs),
+    )
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case[1:])))
@@ -157,13 +169,7 @@ def test_large_pointwise_in_training_is_a_transposed_conv_equal_to_keras_conv(
     its own layout."""
     monkeypatch.setattr(_torch, "_matmul_beats_conv", lambda: False)
     monkeypatch.setattr(_torch, "_TRANSPOSED_MIN", 8 * 12)
-    calls = []
-    transposed = torch.nn.functional.conv_transpose2d
-    monkeypatch.setattr(
-        torch.nn.functional,
-        "conv_transpose2d",
-        lambda *args, **kwargs: calls.append(args) or transposed(*args, **kwargs),
-    )
+    calls = _record_calls(monkeypatch, "conv_transpose2d")
     channels_last = data_format == "channels_last"
     x, k = _tensors((2, 5, 7, 8), (1, 1), 12, channels_last, dtype)
     conv = _torch.conv2d
@@ -404,13 +410,7 @@ def test_max_pool_of_nonnegative_inputs_pads_implicitly(data_format, monkeypatch
     channels_last = data_format == "channels_last"
     x, _ = _tensors((2, 9, 8, 4), (1, 1), 1, channels_last, torch.float32)
     x = torch.relu(x.detach()).requires_grad_()
-    pads = []
-    pad = torch.nn.functional.pad
-    monkeypatch.setattr(
-        torch.nn.functional,
-        "pad",
-        lambda *args, **kwargs: pads.append(args) or pad(*args, **kwargs),
-    )
+    pads = _record_calls(monkeypatch, "pad")
 
     def pool(nonnegative, padding=1):
         return _torch.max_pool2d(
@@ -647,13 +647,7 @@ def test_laid_out_kernel_reaches_the_conv_uncopied(kernel_size, strides, data_fo
     and the results equal `keras.ops.conv`."""
     monkeypatch.setattr(_torch, "_matmul_beats_conv", lambda: False)
     monkeypatch.setattr(_torch, "_TRANSPOSED_MIN", 1)
-    calls = []
-    conv2d = torch.nn.functional.conv2d
-    monkeypatch.setattr(
-        torch.nn.functional,
-        "conv2d",
-        lambda *args, **kwargs: calls.append(args) or conv2d(*args, **kwargs),
-    )
+    calls = _record_calls(monkeypatch, "conv2d")
     channels_last = data_format == "channels_last"
     x, k = _tensors((2, 9, 8, 6), kernel_size, 10, channels_last, torch.float32)
     values = k.detach().clone()
