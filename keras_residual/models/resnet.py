@@ -26,6 +26,8 @@ torchvision, timm and ``keras.applications``.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 from keras import ops
 
@@ -102,6 +104,12 @@ _DOC = """A ResNet: a stem, stages of residual blocks, and a head.
             not match the model, or an input that is not 4D.
         OSError: when `weights="imagenet"` cannot be downloaded.
     """
+
+
+# The optimizer (a weak reference) and its number of variables that each
+# model's kernels were last laid out for (`ResNet._lay_out_kernels`): a new
+# optimizer, or one that has made its slots since, gets them laid out.
+_LAID_OUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @keras.saving.register_keras_serializable(package="keras_residual")
@@ -432,8 +440,8 @@ class ResNet(keras.Model):
         if lay_out is None:
             return
         optimizer_variables = list(self.optimizer.variables)
-        key = f"{id(self.optimizer)}:{len(optimizer_variables)}"
-        if getattr(self, "_kernel_layout", None) == key:
+        done = _LAID_OUT.get(self)
+        if done and done[0]() is self.optimizer and done[1] == len(optimizer_variables):
             return
         pairs = self.conv_bn_pairs() + [p for block in self.blocks for p in block.conv_bn_pairs()]
         lay_out(
@@ -441,7 +449,7 @@ class ResNet(keras.Model):
             optimizer_variables,
             channels_last=self._layout.inner == "channels_last",
         )
-        self._kernel_layout = key
+        _LAID_OUT[self] = (weakref.ref(self.optimizer), len(optimizer_variables))
 
     def get_layer(self, name=None, index=None):
         """A layer by index, or by name at any depth.

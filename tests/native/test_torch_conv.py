@@ -685,17 +685,17 @@ def test_resnet_lays_out_kernels_and_slots_at_its_first_training_step(optimizer,
     "composite" keeps Keras' layout. Fails loudly if Keras stops making an
     optimizer's slots from a variable with its shape."""
     _native_adapter()
+    make_optimizer = {
+        "sgd_momentum": lambda: keras.optimizers.SGD(learning_rate=0.05, momentum=0.9),
+        "adam": lambda: keras.optimizers.Adam(learning_rate=1e-3),
+    }[optimizer]
 
     def build(implementation, layout):
         keras.utils.set_random_seed(0)
         model = keras_residual.ResNet18(
             weights=None, input_shape=(32, 32, 3), classes=10, implementation=implementation
         )
-        make = {
-            "sgd_momentum": lambda: keras.optimizers.SGD(learning_rate=0.05, momentum=0.9),
-            "adam": lambda: keras.optimizers.Adam(learning_rate=1e-3),
-        }[optimizer]
-        model.compile(optimizer=make(), loss="sparse_categorical_crossentropy")
+        model.compile(optimizer=make_optimizer(), loss="sparse_categorical_crossentropy")
         if not layout:
             model._lay_out_kernels = lambda: None  # this twin keeps Keras' layout
         return model
@@ -727,6 +727,10 @@ def test_resnet_lays_out_kernels_and_slots_at_its_first_training_step(optimizer,
     assert losses["laid_out"] == pytest.approx(losses["keras"], rel=1e-5)
     for a, b in zip(laid_out.get_weights(), keras_order.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # A new optimizer gets its slots laid out at its first step.
+    laid_out.compile(optimizer=make_optimizer(), loss="sparse_categorical_crossentropy")
+    laid_out.train_on_batch(x, labels)
+    assert all(conv_order(v) for v in laid_out.optimizer.variables if len(v.shape) == 4)
     path = tmp_path / "laid_out.keras"
     laid_out.save(path)
     loaded = keras.models.load_model(path)
