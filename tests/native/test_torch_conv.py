@@ -437,6 +437,42 @@ def test_max_pool_of_nonnegative_inputs_pads_implicitly(data_format, monkeypatch
     _assert_close(composite.detach(), zeros.detach(), 0, "composite max pool")
 
 
+@pytest.mark.parametrize(
+    "activation, preact, padded",
+    [("relu", False, False), ("relu6", False, False), ("silu", False, True), ("relu", True, True)],
+)
+def test_resnet_pools_without_padding_only_after_a_relu(activation, preact, padded, monkeypatch):
+    """The stem's pool skips the zero-padded copy only where its input is a
+    relu's (not after silu, nor after a pre-activation model's linear stem),
+    and the model equals its composite twin either way."""
+    _native_adapter()
+    pads = _record_calls(monkeypatch, "pad")
+
+    def build(implementation):
+        return keras_residual.models.ResNet(
+            block_type="basic",
+            stage_depths=(1, 1),
+            stage_filters=(8, 16),
+            input_shape=(16, 16, 3),
+            classes=4,
+            activation=activation,
+            preact=preact,
+            implementation=implementation,
+        )
+
+    native_model, composite_model = _twins(build)
+    x = torch.tensor(np.random.default_rng(5).normal(size=(2, 16, 16, 3)).astype("float32"))
+    native_y = native_model(x, training=False)
+    pool_pads = [args for args in pads if tuple(args[1]) == (1, 1, 1, 1)]  # not a conv's
+    assert len(pool_pads) == int(padded)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(native_y),
+        keras.ops.convert_to_numpy(composite_model(x, training=False)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 def test_rejects_bad_padding():
     x, k = _tensors((1, 4, 4, 2), (3, 3), 2, True, torch.float32)
     with pytest.raises(ValueError, match="padding"):
