@@ -295,7 +295,8 @@ def own_op(backend: str, name: str):
 
     `name` is one of `OWN_OPS`: the adapter module's optional `conv2d`,
     `max_pool2d`, `add_bias_residual`, `batch_norm_inference` or
-    `lay_out_kernels` (see `Adapter`). Needs no built library: nothing is compiled or loaded.
+    `lay_out_kernels` (see `Adapter`). Needs no built library: nothing is
+    compiled or loaded.
 
     Raises:
         ValueError: if `name` is not in `OWN_OPS`.

@@ -851,12 +851,12 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
     (`lay_out_kernels`) is passed to it as a view. Any other is copied into
     that layout (torch would make the same copy): once per call in training,
     where its gradient flows back to the Keras variable through that copy,
-    and once per change of the variable in inference (`_conv_weight`). A
-    1x1 kernel on the CPU
-    needs no copy where it runs as one matrix product of an NHWC input (a
-    large one, `_MATMUL_MIN`, on an Intel CPU: `_padding.pointwise`), or in
-    training as a transposed convolution, whose weight layout is the Keras
-    kernel's (a large one of stride 1: `_pointwise_as_transpose`).
+    and once per change of the variable in inference (`_conv_weight`). A 1x1
+    kernel on the CPU needs no copy where it runs as one matrix product of
+    an NHWC input (a large one, `_MATMUL_MIN`, on an Intel CPU:
+    `_padding.pointwise`), or in training as a transposed convolution,
+    whose weight layout is the Keras kernel's (a large one of stride 1 in
+    Keras' order: `_pointwise_as_transpose`).
 
     Args:
         inputs: 4D tensor, NHWC when `channels_last`, else NCHW.
@@ -925,9 +925,9 @@ def max_pool2d(inputs, *, pool_size, strides, padding=0, channels_last=True, non
 
     Keras' torch pooling copies an NHWC input to contiguous NCHW and back;
     the permuted view is channels_last memory, which torch's pooling takes
-    as it is. With `nonnegative`, no padded copy either: torch pools with
-    its own padding, which no window takes its maximum from when every
-    input is at least 0, as zero padding would not change it.
+    as it is. With `nonnegative`, no padded copy either: torch's own
+    padding never wins a maximum, and neither do zeros when no input is
+    below 0, so both give the same result.
 
     Args:
         inputs: 4D tensor, NHWC when `channels_last`, else NCHW.
