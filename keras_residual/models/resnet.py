@@ -445,8 +445,8 @@ class ResNet(keras.Model):
             return
         pairs = self.conv_bn_pairs() + [p for block in self.blocks for p in block.conv_bn_pairs()]
         lay_out(
-            [conv.kernel for conv, _ in pairs],
-            optimizer_variables,
+            [conv.kernel.value for conv, _ in pairs],
+            [variable.value for variable in optimizer_variables],
             channels_last=self._layout.inner == "channels_last",
         )
         _LAID_OUT[self] = (weakref.ref(self.optimizer), len(optimizer_variables))

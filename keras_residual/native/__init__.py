@@ -177,10 +177,11 @@ class Adapter(Protocol):
 
         def lay_out_kernels(kernels, optimizer_variables, *, channels_last): ...
 
-    Stores the Keras kernels (variables, shape `(kh, kw, in, out)`), and the
-    optimizer's variables made for them, in the memory order the backend's
-    convolution reads, in place: shapes and values are unchanged, and
-    `conv2d` then needs no copy of a kernel or of its gradient. A `ResNet`
+    Stores the Keras kernels (the variables' tensors, shape
+    `(kh, kw, in, out)`), and the optimizer's made for them, in the memory
+    order the backend's convolution reads, in place: shapes and values are
+    unchanged, and `conv2d` then needs no copy of a kernel or of its
+    gradient. A `ResNet`
     calls it at its first training step with each optimizer. torch has one;
     the others have none (their arrays have no strides to choose).
     """

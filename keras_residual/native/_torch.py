@@ -764,18 +764,16 @@ def _pointwise_as_transpose(x, kernel, strides) -> bool:
     """Whether `conv2d` runs this NCHW-shaped call as `F.conv_transpose2d`.
 
     In training, a 1x1, stride-1, ungrouped convolution on the CPU of a
-    large kernel (`_TRANSPOSED_MIN`) in Keras' memory order: the kernel then
-    needs no copy into torch's layout, and its gradient none back
-    (`_conv_weight` copies both per step). A kernel stored as the
-    convolution reads it (`lay_out_kernels`) needs neither, and keeps the
-    convolution. At inference the copy is made once (`memo`), and the
+    large kernel (`_TRANSPOSED_MIN`) that is not in the convolution's memory
+    order (`conv2d` asks only then): the kernel then needs no copy into
+    torch's layout, and its gradient none back (`_conv_weight` copies both
+    per step). At inference the copy is made once (`memo`), and the
     convolution stays. CUDA keeps the convolution: not measured there.
     """
     import torch
 
     return (
         x.device.type == "cpu"
-        and kernel.is_contiguous()
         and tuple(kernel.shape[:2]) == (1, 1)
         and strides == (1, 1)
         and kernel.shape[2] == x.shape[1]
@@ -785,22 +783,17 @@ def _pointwise_as_transpose(x, kernel, strides) -> bool:
     )
 
 
-def _conv_order(channels_last: bool) -> tuple[tuple, tuple]:
-    """(permutation, inverse) between a Keras kernel `(kh, kw, in, out)` and
-    the memory order torch's convolution reads: `(out, kh, kw, in)` for
-    channels_last input, `(out, in, kh, kw)` otherwise."""
-    return ((3, 0, 1, 2), (1, 2, 3, 0)) if channels_last else ((3, 2, 0, 1), (2, 3, 1, 0))
-
-
 def lay_out_kernels(kernels, optimizer_variables=(), *, channels_last=True) -> int:
     """Stores conv kernels in the memory order torch's convolution reads.
 
-    Each Keras kernel keeps its shape `(kh, kw, in, out)` and its values;
-    only its strides change, so that `conv2d` passes it to the convolution
-    as a view, forward, and its gradient, which autograd gives the strides
-    of the variable, comes back without a copy. Keras' layout needs a copy
-    of the kernel into torch's per training step, and one of its gradient
-    back.
+    `kernels` and `optimizer_variables` are the variables' tensors
+    (`variable.value`). Each Keras kernel keeps its shape `(kh, kw, in, out)`
+    and its values; only its strides change, to those of its view
+    `(out, in, kh, kw)` in the input's memory format, so that `conv2d`
+    passes that view to the convolution, forward, and the gradient, which
+    autograd gives the strides of the variable, comes back without a copy.
+    Keras' layout needs a copy of the kernel into torch's per training step,
+    and one of its gradient back.
 
     An optimizer's elementwise update of a variable and its slots (SGD's
     momentum, Adam's moments) is 12-60x slower when their memory orders
@@ -809,32 +802,29 @@ def lay_out_kernels(kernels, optimizer_variables=(), *, channels_last=True) -> i
     (the slots Keras makes from a variable, `add_variable_from_reference`,
     have its shape).
 
-    What is laid out: tensors in place (their `.data`, and a gradient
-    present), so every reference to the variables (Keras', the optimizer's,
-    the module's parameters) holds; values, saving and loading (`assign`
-    copies in place) are unchanged. Nothing is done while torch.compile
-    traces. Returns how many tensors were laid out.
+    The tensors change in place (their `.data`), so every reference to the
+    variables (Keras', the optimizer's, the module's parameters) holds;
+    values, saving and loading (`assign` copies in place) are unchanged.
+    Nothing is done while torch.compile traces. Returns how many tensors
+    were laid out.
     """
     import torch
 
     if torch.compiler.is_compiling():
         return 0
-    order, inverse = _conv_order(channels_last)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def lay_out(value) -> int:
-        if value.dim() != 4 or value.permute(3, 2, 0, 1).is_contiguous(memory_format=memory_format):
+        weight = value.permute(3, 2, 0, 1)
+        if weight.is_contiguous(memory_format=memory_format):
             return 0
-        with torch.no_grad():
-            value.data = value.data.permute(order).contiguous().permute(inverse)
-            if value.grad is not None:
-                value.grad = value.grad.permute(order).contiguous().permute(inverse)
+        value.data = weight.detach().contiguous(memory_format=memory_format).permute(2, 3, 1, 0)
         return 1
 
-    values = [k.value for k in kernels]
-    shapes = {tuple(v.shape) for v in values if v.dim() == 4}
-    slots = [v.value for v in optimizer_variables if len(v.shape) == 4 and tuple(v.shape) in shapes]
-    return sum(lay_out(v) for v in [*values, *slots])
+    kernels = [k for k in kernels if k.dim() == 4]
+    shapes = {tuple(k.shape) for k in kernels}
+    slots = [v for v in optimizer_variables if v.dim() == 4 and tuple(v.shape) in shapes]
+    return sum(lay_out(v) for v in [*kernels, *slots])
 
 
 def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, channels_last=True):
@@ -889,15 +879,16 @@ def conv2d(inputs, kernel, *, strides=1, padding="valid", dilation_rate=1, chann
     ):
         return _padding.pointwise(inputs, kernel, strides)
     x = inputs.permute(0, 3, 1, 2) if channels_last else inputs
-    if _pointwise_as_transpose(x, kernel, strides):
-        # conv_transpose2d's weight is `(in, out, kh, kw)`: the Keras 1x1
-        # kernel `(1, 1, in, out)` permuted, with no copy, in either memory
-        # format; and a stride-1 1x1 transposed convolution is the convolution.
-        y = F.conv_transpose2d(x, kernel.permute(2, 3, 0, 1))
-        return y.permute(0, 2, 3, 1) if channels_last else y
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     weight = kernel.permute(3, 2, 0, 1)
     if not weight.is_contiguous(memory_format=memory_format):
+        if _pointwise_as_transpose(x, kernel, strides):
+            # conv_transpose2d's weight is `(in, out, kh, kw)`: the Keras 1x1
+            # kernel `(1, 1, in, out)` permuted, with no copy, in either memory
+            # format; and a stride-1 1x1 transposed convolution is the
+            # convolution.
+            y = F.conv_transpose2d(x, kernel.permute(2, 3, 0, 1))
+            return y.permute(0, 2, 3, 1) if channels_last else y
         weight = _conv_weight(kernel, memory_format)
     groups = x.shape[1] // weight.shape[1]
     pad = (0, 0)

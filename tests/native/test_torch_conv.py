@@ -662,16 +662,6 @@ def test_resnet18_native_equals_composite():
 # -- kernels laid out as the convolution reads them ---------------------------------
 
 
-def _laid_out(k, channels_last):
-    """`k` (a leaf that requires grad) stored in torch's convolution order."""
-
-    class Holder:  # what `lay_out_kernels` takes: objects with `.value`
-        value = k
-
-    assert _torch.lay_out_kernels([Holder], channels_last=channels_last) == 1
-    return k
-
-
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize(
     "kernel_size, strides", [((3, 3), 1), ((3, 3), 2), ((1, 1), 1), ((1, 1), 2), ((7, 7), 2)]
@@ -687,7 +677,7 @@ def test_laid_out_kernel_reaches_the_conv_uncopied(kernel_size, strides, data_fo
     channels_last = data_format == "channels_last"
     x, k = _tensors((2, 9, 8, 6), kernel_size, 10, channels_last, torch.float32)
     values = k.detach().clone()
-    _laid_out(k, channels_last)
+    assert _torch.lay_out_kernels([k], channels_last=channels_last) == 1
     assert torch.equal(k.detach(), values) and k.shape == values.shape
     assert not k.is_contiguous()
     ours = _forward_backward(
@@ -708,9 +698,7 @@ def test_laid_out_kernel_reaches_the_conv_uncopied(kernel_size, strides, data_fo
     for actual, expected, what in zip(ours, theirs, ("output", "d input", "d kernel"), strict=True):
         _assert_close(actual, expected, TOLERANCE[torch.float32], what)
     # Laid out already: nothing more to do.
-    assert (
-        _torch.lay_out_kernels([type("Holder", (), {"value": k})], channels_last=channels_last) == 0
-    )
+    assert _torch.lay_out_kernels([k], channels_last=channels_last) == 0
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
